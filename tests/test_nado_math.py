@@ -1,0 +1,325 @@
+"""The maths of `trl_cadet.nado` checked against exact enumeration on a toy.
+
+The toy: a vocabulary of V tokens, completions of exactly T tokens after a one-token prompt, a policy given as an
+explicit table (random logits for every prefix) and an arbitrary oracle C(y). Everything the method needs (R for
+every prefix, q*, KL(q* ‖ p)) can then be computed by brute force over the V**T completions.
+"""
+
+import functools
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trl_cadet.nado import cadet_kl, importance_weights, nado_loss, sequence_logprobs, target_logprobs
+
+
+V, T = 3, 3
+
+
+class Toy:
+    """An explicit policy table and oracle with their exact quantities."""
+
+    def __init__(self, seed: int, hard: bool = False, sharpness: float = 1.5):
+        gen = torch.Generator().manual_seed(seed)
+        self.prefixes = [p for n in range(T) for p in itertools.product(range(V), repeat=n)]
+        self.prefix_id = {p: i for i, p in enumerate(self.prefixes)}
+        self.logits = {p: sharpness * torch.randn(V, generator=gen, dtype=torch.float64) for p in self.prefixes}
+        self.sequences = list(itertools.product(range(V), repeat=T))
+        if hard:
+            oracle = (torch.rand(len(self.sequences), generator=gen) < 0.5).double()
+            oracle[0], oracle[1] = 1.0, 0.0  # both outcomes present
+        else:
+            oracle = 0.05 + 0.9 * torch.rand(len(self.sequences), generator=gen, dtype=torch.float64)
+        self.C = dict(zip(self.sequences, oracle.tolist(), strict=True))
+
+    def p(self, v: int, prefix: tuple) -> float:
+        return torch.softmax(self.logits[prefix], -1)[v].item()
+
+    def p_seq(self, y: tuple, temperature: float = 1.0) -> float:
+        return math.prod(torch.softmax(self.logits[y[:t]] / temperature, -1)[y[t]].item() for t in range(T))
+
+    @functools.cache
+    def R(self, prefix: tuple) -> float:
+        """Pr_{y ~ p}[C = 1 | prefix], by enumeration of every completion extending `prefix`."""
+        total = 0.0
+        for y in self.sequences:
+            if y[: len(prefix)] == prefix:
+                total += math.prod(self.p(y[t], y[:t]) for t in range(len(prefix), T)) * self.C[y]
+        return total
+
+    def q_conditional(self, v: int, prefix: tuple) -> float:
+        """q*(v | prefix) with q*(y) ∝ p(y) C(y), by enumeration."""
+
+        def mass(pre):
+            return sum(self.p_seq(y) * self.C[y] for y in self.sequences if y[: len(pre)] == pre)
+
+        return mass(prefix + (v,)) / mass(prefix)
+
+    def batch(self, sequences):
+        """input_ids [N, T+1] (prompt token 0 then y), lm logits and true NADO logits [N, T+1, V], completion mask."""
+        ys = torch.tensor(sequences)
+        input_ids = torch.cat([torch.zeros(len(sequences), 1, dtype=torch.long), ys], dim=1)
+        table = torch.stack([self.logits[p] for p in self.prefixes]).float()
+        true_r = torch.tensor(
+            [[self._logit(self.R(p + (v,))) for v in range(V)] for p in self.prefixes], dtype=torch.float32
+        )
+        ids = self.prefix_ids(sequences)
+        pad = torch.zeros(len(sequences), 1, V)
+        lm_logits = torch.cat([table[ids], pad], dim=1)
+        nado_logits = torch.cat([true_r[ids], pad], dim=1)
+        completion_mask = torch.ones_like(input_ids)
+        completion_mask[:, 0] = 0
+        return input_ids, lm_logits, nado_logits, completion_mask
+
+    def prefix_ids(self, sequences) -> torch.Tensor:
+        return torch.tensor([[self.prefix_id[tuple(y[:t])] for t in range(T)] for y in sequences])
+
+    @staticmethod
+    def _logit(r: float) -> float:
+        r = min(max(r, 0.0), 1.0)
+        if r == 0.0:
+            return -1e4  # R = 0 exactly: a saturated logit, as a trained NADO would give
+        if r == 1.0:
+            return 1e4
+        return math.log(r) - math.log1p(-r)
+
+    def sample(self, n: int, seed: int, temperature: float = 1.0, stochastic_labels: bool = True):
+        """n completions from the (tempered) policy, with labels drawn as Bernoulli(C(y))."""
+        gen = torch.Generator().manual_seed(seed)
+        probs = torch.tensor([self.p_seq(y, temperature) for y in self.sequences])
+        draws = torch.multinomial(probs, n, replacement=True, generator=gen)
+        seqs = [self.sequences[i] for i in draws.tolist()]
+        c = torch.tensor([self.C[y] for y in seqs])
+        labels = torch.bernoulli(c, generator=gen) if stochastic_labels else c
+        return seqs, labels.float()
+
+
+def collapse(sequences, labels, weights=None):
+    """Merge identical (completion, label) samples into one row weighted by its count (or summed weight).
+
+    `nado_loss` is a weighted mean over tokens, so this gives exactly the loss over the individual samples, on at
+    most 2 * V**T rows instead of thousands.
+    """
+    totals = {}
+    for i, (y, c) in enumerate(zip(sequences, labels.tolist(), strict=True)):
+        totals[(y, c)] = totals.get((y, c), 0.0) + (1.0 if weights is None else weights[i].item())
+    keys = sorted(totals)
+    return [k[0] for k in keys], torch.tensor([k[1] for k in keys]), torch.tensor([totals[k] for k in keys])
+
+
+@pytest.fixture(params=[("soft", 0), ("soft", 1), ("hard", 2)], ids=lambda p: f"{p[0]}-{p[1]}")
+def toy(request):
+    kind, seed = request.param
+    return Toy(seed, hard=kind == "hard")
+
+
+def test_target_logprobs_equal_exact_conditionals_of_q_star(toy):
+    sequences = [y for y in toy.sequences if toy.C[y] > 0]
+    input_ids, lm_logits, nado_logits, _ = toy.batch(sequences)
+    log_q = target_logprobs(lm_logits, nado_logits)
+    checked = 0
+    for i, y in enumerate(sequences):
+        for t in range(T):
+            prefix = y[:t]
+            if toy.R(prefix) == 0:
+                continue
+            expected = torch.tensor([toy.q_conditional(v, prefix) for v in range(V)])
+            torch.testing.assert_close(log_q[i, t].exp(), expected.float(), atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked > 0
+
+
+def test_expected_summed_kl_under_q_star_is_minus_log_R(toy):
+    sequences = toy.sequences
+    _, lm_logits, nado_logits, _ = toy.batch(sequences)
+    mask = torch.zeros(len(sequences), T + 1)
+    mask[:, :T] = 1
+    per_position = cadet_kl(lm_logits, nado_logits, mask=mask, reduction="none")
+    R_x = toy.R(())
+    q_star = torch.tensor([toy.p_seq(y) * toy.C[y] / R_x for y in sequences])
+    expected_kl = (q_star * per_position.double().sum(-1)).sum().item()
+    # KL(q* ‖ p) = E_q*[log C(y)] - log R(x): exactly -log R(x) for a 0/1 oracle (METHOD.md's identity)
+    log_c = sum(q * math.log(toy.C[y]) for q, y in zip(q_star.tolist(), sequences, strict=True) if q > 0)
+    assert expected_kl == pytest.approx(log_c - math.log(R_x), rel=1e-4, abs=1e-5)
+    if all(c in (0.0, 1.0) for c in toy.C.values()):
+        assert expected_kl == pytest.approx(-math.log(R_x), rel=1e-4, abs=1e-5)
+
+
+def _fit_table_nado(toy, sequences, labels, sample_weights, consistency_weight, steps=400):
+    """Minimise `nado_loss` over a free table of R-logits (one vector per prefix): the estimator with no model error."""
+    input_ids, lm_logits, _, completion_mask = toy.batch(sequences)
+    ids = toy.prefix_ids(sequences)
+    table = torch.zeros(len(toy.prefixes), V, requires_grad=True)
+    optimizer = torch.optim.Adam([table], lr=0.1)
+    for _ in range(steps):
+        nado_logits = torch.cat([table[ids], torch.zeros(len(sequences), 1, V)], dim=1)
+        loss = nado_loss(
+            nado_logits, lm_logits, input_ids, labels, completion_mask, consistency_weight, sample_weights
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.sigmoid(table.detach())
+
+
+def _visits(toy, sequences):
+    """Per (prefix, next token): how many samples pass through it."""
+    counts = torch.zeros(len(toy.prefixes), V, dtype=torch.float64)
+    for y in sequences:
+        for t in range(T):
+            counts[toy.prefix_id[y[:t]], y[t]] += 1.0
+    return counts
+
+
+@pytest.mark.parametrize("consistency_weight", [0.0, 1.0])
+def test_minimising_nado_loss_on_policy_samples_recovers_true_R(consistency_weight):
+    toy = Toy(seed=3)
+    n = 6000
+    sequences, labels = toy.sample(n, seed=0)
+    fitted = _fit_table_nado(toy, *collapse(sequences, labels), consistency_weight)
+    counts = _visits(toy, sequences)
+    checked = 0
+    for prefix in toy.prefixes:
+        for v in range(V):
+            visits = counts[toy.prefix_id[prefix], v].item()
+            if visits < 100:
+                continue
+            true_r = toy.R(prefix + (v,))
+            # Labels are Bernoulli(C): the BCE minimiser is the empirical mean of `visits` of them, whose standard
+            # error is sqrt(R(1-R)/visits); 4 standard errors (plus optimiser slack) keeps this test from flaking
+            tolerance = 4 * math.sqrt(true_r * (1 - true_r) / visits) + 0.01
+            assert abs(fitted[toy.prefix_id[prefix], v].item() - true_r) < tolerance, (prefix, v, visits)
+            checked += 1
+    assert checked >= 10
+
+
+def test_importance_weights_correct_samples_from_a_tempered_proposal():
+    toy = Toy(seed=4, sharpness=3.0)
+    temperature = 2.0
+    sequences, labels = toy.sample(50000, seed=1, temperature=temperature, stochastic_labels=False)
+    input_ids, lm_logits, _, completion_mask = toy.batch(sequences)
+    policy = sequence_logprobs(lm_logits, input_ids, completion_mask)
+    proposal = sequence_logprobs(lm_logits / temperature, input_ids, completion_mask)
+    # The log-probabilities the function computes are the exact ones of the toy
+    assert policy[0].item() == pytest.approx(math.log(toy.p_seq(sequences[0])), abs=1e-4)
+    assert proposal[0].item() == pytest.approx(math.log(toy.p_seq(sequences[0], temperature)), abs=1e-4)
+    weights = importance_weights(policy, proposal)
+    assert weights.sum().item() == pytest.approx(len(sequences), rel=1e-4)
+
+    weighted = _fit_table_nado(toy, *collapse(sequences, labels, weights), 0.0)
+    unweighted = _fit_table_nado(toy, *collapse(sequences, labels), 0.0)
+    # Compare on the first token, where the tempered proposal's continuations differ most from the policy's, for the
+    # tokens with an effective sample size large enough that the self-normalised estimate has converged
+    biased = 0
+    for v in range(V):
+        through_v = torch.tensor([y[0] == v for y in sequences])
+        ess = (weights[through_v].sum() ** 2 / (weights[through_v] ** 2).sum()).item()
+        if ess < 1000:
+            continue
+        true_r = toy.R((v,))
+        # Standard error of the self-normalised estimate: the spread of C over the policy's continuations of v,
+        # divided by the effective sample size; 4 of them plus the optimiser's slack
+        continuations = [y for y in toy.sequences if y[0] == v]
+        p_cont = torch.tensor([toy.p_seq(y) for y in continuations]) / toy.p(v, ())
+        spread = sum(p * (toy.C[y] - true_r) ** 2 for p, y in zip(p_cont.tolist(), continuations, strict=True))
+        tolerance = 4 * math.sqrt(spread / ess) + 0.002
+        assert abs(weighted[toy.prefix_id[()], v].item() - true_r) < tolerance
+        biased += abs(unweighted[toy.prefix_id[()], v].item() - true_r) > tolerance
+    assert biased >= 1, "the tempered proposal should bias the unweighted estimate, or this test shows nothing"
+
+
+def test_cadet_kl_sends_no_gradient_to_nado_and_p_minus_q_to_lm():
+    torch.manual_seed(0)
+    lm_logits = torch.randn(2, 5, 7, requires_grad=True)
+    nado_logits = torch.randn(2, 5, 7, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]])
+    kl = cadet_kl(lm_logits, nado_logits, mask=mask)
+    grad_lm, grad_nado = torch.autograd.grad(kl, [lm_logits, nado_logits], allow_unused=True)
+    assert grad_nado is None
+    p = torch.softmax(lm_logits.detach(), -1)
+    q = target_logprobs(lm_logits.detach(), nado_logits.detach()).exp()
+    expected = (p - q) * mask[..., None] / mask.sum()
+    torch.testing.assert_close(grad_lm, expected)
+
+
+def test_cadet_kl_is_zero_when_R_is_constant_per_context():
+    torch.manual_seed(0)
+    lm_logits = torch.randn(3, 4, 11, requires_grad=True)
+    nado_logits = torch.randn(3, 4, 1).expand(3, 4, 11)  # R depends on the context, not on the next token
+    kl = cadet_kl(lm_logits, nado_logits)
+    assert kl.abs().item() < 1e-6
+    (grad,) = torch.autograd.grad(kl, lm_logits)
+    assert grad.abs().max().item() < 1e-6
+
+
+def test_nado_loss_sends_no_gradient_to_lm_logits():
+    toy = Toy(seed=5)
+    sequences, labels = toy.sample(16, seed=2)
+    input_ids, lm_logits, nado_logits, completion_mask = toy.batch(sequences)
+    lm_logits.requires_grad_(True)
+    nado_logits = (nado_logits + 0.3 * torch.randn_like(nado_logits)).requires_grad_(True)
+    loss = nado_loss(nado_logits, lm_logits, input_ids, labels, completion_mask, consistency_weight=1.0)
+    grad_nado, grad_lm = torch.autograd.grad(loss, [nado_logits, lm_logits], allow_unused=True)
+    assert grad_lm is None
+    assert grad_nado.abs().sum() > 0
+
+
+def test_consistency_term_vanishes_at_the_true_R_and_not_elsewhere():
+    toy = Toy(seed=6)
+    input_ids, lm_logits, nado_logits, completion_mask = toy.batch(toy.sequences)
+    labels = torch.tensor([toy.C[y] for y in toy.sequences]).float()
+    _, _, consistency = nado_loss(nado_logits, lm_logits, input_ids, labels, completion_mask, return_parts=True)
+    assert consistency.item() < 1e-5
+    _, _, perturbed = nado_loss(
+        nado_logits + 0.5 * torch.randn_like(nado_logits),
+        lm_logits,
+        input_ids,
+        labels,
+        completion_mask,
+        return_parts=True,
+    )
+    assert perturbed.item() > 1e-3
+
+
+def test_bce_selects_the_logit_of_the_next_token():
+    """Position t of `nado_logits` scores token t + 1: only that entry may receive the BCE gradient."""
+    input_ids = torch.tensor([[5, 1, 2, 0]])
+    completion_mask = torch.tensor([[0, 1, 1, 1]])
+    nado_logits = torch.zeros(1, 4, 6, requires_grad=True)
+    lm_logits = torch.zeros(1, 4, 6)
+    loss = nado_loss(nado_logits, lm_logits, input_ids, torch.ones(1), completion_mask, consistency_weight=0.0)
+    (grad,) = torch.autograd.grad(loss, nado_logits)
+    nonzero = {tuple(i) for i in grad[0].nonzero().tolist()}
+    assert nonzero == {(0, 1), (1, 2), (2, 0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saturated_R_gives_finite_values_and_gradients(dtype):
+    torch.manual_seed(0)
+    lm_logits = (torch.randn(2, 6, 9) * 30).to(dtype).requires_grad_(True)
+    nado_logits = (torch.randn(2, 6, 9).sign() * 1e4).to(dtype).requires_grad_(True)
+    input_ids = torch.randint(0, 9, (2, 6))
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    kl = cadet_kl(lm_logits, nado_logits)
+    loss = nado_loss(nado_logits, lm_logits, input_ids, torch.tensor([1.0, 0.0]), completion_mask)
+    (grad_lm,) = torch.autograd.grad(kl, lm_logits)
+    (grad_nado,) = torch.autograd.grad(loss, nado_logits)
+    for value in (kl, loss, grad_lm, grad_nado):
+        assert torch.isfinite(value).all()
+    # R = 0 exactly on every token of a context is a degenerate constraint: q falls back to p, not to NaN
+    all_zero = torch.full((1, 1, 9), -float("inf"))
+    assert torch.isfinite(cadet_kl(torch.randn(1, 1, 9), all_zero.clamp(min=-1e4)))
+
+
+def test_binary_cross_entropy_matches_torch_on_single_tokens():
+    """One completion token: the loss is exactly torch's BCE on the selected logit (no consistency pair exists)."""
+    nado_logits = torch.randn(4, 2, 5)
+    input_ids = torch.tensor([[0, 3], [0, 1], [0, 4], [0, 0]])
+    completion_mask = torch.tensor([[0, 1]] * 4)
+    labels = torch.tensor([1.0, 0.0, 0.3, 1.0])
+    loss = nado_loss(nado_logits, torch.randn(4, 2, 5), input_ids, labels, completion_mask)
+    selected = nado_logits[torch.arange(4), 0, input_ids[:, 1]]
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(selected, labels))

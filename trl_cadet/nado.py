@@ -1,0 +1,188 @@
+"""The maths of CADET, each formula once (see docs/cadet_trainer.md and METHOD.md).
+
+Conventions, as in transformers and TRL:
+
+- `lm_logits` and `nado_logits` have shape `[..., V]` and are *causally aligned*: position `t` scores the token at
+  `t + 1`. `nado_logits[..., t, v]` is `r(ctx_t, v)`, the logit of `R(ctx_t, v) = Pr[constraint | ctx_t, v]`.
+- `completion_mask` has the shape of `input_ids` and is 1 on completion tokens (the tokens the oracle judged).
+
+Everything is computed in float32 and in log space, so that saturated `R` (a logit of +-1e4) gives no NaN.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
+
+    Args:
+        lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM at each context.
+        nado_logits (`torch.Tensor` of shape `[..., V]`): NADO logits `r(ctx, v)` with `R = sigmoid(r)`.
+
+    Returns:
+        `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
+    """
+    return torch.log_softmax(lm_logits.float() + F.logsigmoid(nado_logits.float()), dim=-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    # A batch with no regularised position contributes a finite zero, not 0/0
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def cadet_kl(
+    lm_logits: torch.Tensor,
+    nado_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
+
+    `q` is "the closest distribution to the current LM that satisfies the constraint", a fixed target at each step:
+    gradients flow to `lm_logits` only (through `log p_θ`), never to `nado_logits` nor through `q`. The gradient
+    with respect to the logits is `p_θ - q`.
+
+    Args:
+        lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM being trained.
+        nado_logits (`torch.Tensor` of shape `[..., V]`): NADO logits at the same contexts.
+        mask (`torch.Tensor` of shape `[...]`, *optional*): 1 where a context is regularised. With
+            `reduction="mean"`, the mean is over masked contexts only.
+        reduction (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"none"` (per-context KL, shape `[...]`,
+            masked contexts set to 0).
+
+    Returns:
+        `torch.Tensor`: a scalar, or the per-context KL with `reduction="none"`.
+    """
+    log_p = torch.log_softmax(lm_logits.float(), dim=-1)
+    # q is a fixed target: built from detached inputs, so no graph is recorded for it
+    log_q = target_logprobs(lm_logits.detach(), nado_logits.detach())
+    q = log_q.exp()
+    # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
+    per_context = (q * (log_q - log_p)).nan_to_num(nan=0.0, posinf=0.0).sum(dim=-1)
+    if reduction == "none":
+        return per_context if mask is None else per_context * mask.to(per_context.dtype)
+    if reduction != "mean":
+        raise ValueError(f"`reduction` must be 'mean' or 'none', got {reduction!r}.")
+    return _masked_mean(per_context, mask)
+
+
+def _bernoulli_kl(log_a: torch.Tensor, log_1ma: torch.Tensor, log_b: torch.Tensor, log_1mb: torch.Tensor):
+    """`KL(Bern(a) ‖ Bern(b))` from the logs of `a`, `1 - a`, `b` and `1 - b`, all finite for finite logits."""
+    return log_a.exp() * (log_a - log_b) + log_1ma.exp() * (log_1ma - log_1mb)
+
+
+def nado_loss(
+    nado_logits: torch.Tensor,
+    lm_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    completion_mask: torch.Tensor,
+    consistency_weight: float = 1.0,
+    sample_weights: torch.Tensor | None = None,
+    return_parts: bool = False,
+):
+    """The NADO training loss: token-level BCE against the sequence labels plus the consistency term.
+
+    For a completion with label `c`, every completion token `y_t` gives `BCE(sigmoid(r(ctx_<t, y_t)), c)`, whose
+    minimiser is the true `R(x, y_≤t)`. The consistency term ties neighbouring prefixes together through the identity
+    `R(x, y_<t) = Σ_v p_θ(v | x, y_<t) R(x, y_<t, v)`: `KL(Bern(E_t) ‖ Bern(R(x, y_<t)))` with `E_t` the right-hand
+    side computed from the NADO. Gradients flow to `nado_logits` only; `lm_logits` is detached.
+
+    Args:
+        nado_logits (`torch.Tensor` of shape `[B, L, V]`): NADO logits over the sequences.
+        lm_logits (`torch.Tensor` of shape `[B, L, V]`): logits of the policy that generated the samples.
+        input_ids (`torch.Tensor` of shape `[B, L]`): prompt + completion tokens.
+        labels (`torch.Tensor` of shape `[B]`): sequence labels `C(x, y) ∈ [0, 1]` (soft labels allowed).
+        completion_mask (`torch.Tensor` of shape `[B, L]`): 1 on completion tokens.
+        consistency_weight (`float`, *optional*, defaults to `1.0`): β, the weight of the consistency term.
+        sample_weights (`torch.Tensor` of shape `[B]`, *optional*): per-sequence importance weights (any positive
+            scale; see `importance_weights`). Every token of a sequence carries its sequence's weight.
+        return_parts (`bool`, *optional*, defaults to `False`): also return `(bce, consistency)` detached.
+
+    Returns:
+        `torch.Tensor`: the scalar loss, the weighted mean over completion tokens of `bce + β · consistency`; with
+        `return_parts=True`, the tuple `(loss, bce, consistency)`.
+    """
+    nado_logits = nado_logits.float()
+    lm_logits = lm_logits.detach().float()
+    # Position t predicts token t + 1: a "prediction position" is one whose next token is a completion token
+    predicts_completion = completion_mask[:, 1:].bool()  # [B, L-1]
+    next_tokens = input_ids[:, 1:]
+    r = nado_logits[:, :-1]  # [B, L-1, V]
+    r_selected = r.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)  # r(ctx_t, y_{t+1}), [B, L-1]
+
+    weights = torch.ones_like(labels, dtype=torch.float32) if sample_weights is None else sample_weights.float()
+    token_weights = weights[:, None] * predicts_completion.float()  # [B, L-1]
+    denominator = token_weights.sum().clamp(min=1e-8)
+
+    target = labels.float()[:, None].expand_as(r_selected)
+    bce = F.binary_cross_entropy_with_logits(r_selected, target, reduction="none")
+    bce = (bce * token_weights).sum() / denominator
+
+    consistency = torch.zeros((), device=nado_logits.device)
+    if consistency_weight:
+        # E_t at position t (context ctx_t = tokens ≤ t) must equal R of the same prefix, which the NADO predicted at
+        # position t - 1 for token t. Both positions must predict completion tokens.
+        log_p = torch.log_softmax(lm_logits[:, 1:-1], dim=-1)
+        r_next = r[:, 1:]
+        log_e = torch.logsumexp(log_p + F.logsigmoid(r_next), dim=-1)  # log E_t
+        log_1me = torch.logsumexp(log_p + F.logsigmoid(-r_next), dim=-1)  # log(1 - E_t), exact and stable
+        r_prev = r_selected[:, :-1]
+        kl = _bernoulli_kl(log_e, log_1me, F.logsigmoid(r_prev), F.logsigmoid(-r_prev))
+        pair_weights = weights[:, None] * (predicts_completion[:, 1:] & predicts_completion[:, :-1]).float()
+        consistency = (kl * pair_weights).sum() / pair_weights.sum().clamp(min=1e-8)
+
+    loss = bce + consistency_weight * consistency
+    if return_parts:
+        return loss, bce.detach(), consistency.detach()
+    return loss
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over completion tokens of `log softmax(logits)[token]`, the log-probability of each completion.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, L, V]`): causally aligned logits (already tempered or filtered if they
+            describe a sampling proposal).
+        input_ids (`torch.Tensor` of shape `[B, L]`), completion_mask (`torch.Tensor` of shape `[B, L]`).
+
+    Returns:
+        `torch.Tensor` of shape `[B]`.
+    """
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logprobs = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = completion_mask[:, 1:].bool()
+    return torch.where(mask, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
+
+
+def importance_weights(policy_logprobs: torch.Tensor, proposal_logprobs: torch.Tensor) -> torch.Tensor:
+    """Self-normalised importance weights `p_θ(y|x) / p_sample(y|x)` over a batch, scaled to mean 1.
+
+    Args:
+        policy_logprobs (`torch.Tensor` of shape `[B]`): `log p_θ(y | x)` of each completion.
+        proposal_logprobs (`torch.Tensor` of shape `[B]`): `log p_sample(y | x)` under the sampling proposal.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, non-negative, summing to `B`.
+    """
+    log_ratio = policy_logprobs.float() - proposal_logprobs.float()
+    return torch.softmax(log_ratio, dim=0) * log_ratio.numel()
+
+
+def regularized_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The contexts regularised on a corpus batch: those whose next token is trained on (`labels != -100`).
+
+    Args:
+        labels (`torch.Tensor` of shape `[B, L]`): LM labels aligned with `input_ids`, -100 where ignored.
+
+    Returns:
+        `torch.Tensor` of shape `[B, L]` (bool), aligned with the logits: position `t` is set when `labels[t+1]` is
+        trained on; the last position is never set.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
