@@ -82,3 +82,12 @@ def tiny_llama_path(tokenizer, tmp_path_factory):
     build_llama(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """Tiny models run fastest on one thread: more only adds synchronisation, and CI's two cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
