@@ -1,0 +1,339 @@
+"""CADETTrainer on tiny models from config: both schedules, LoRA and QLoRA, resume, and the method's effect."""
+
+import threading
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from trl_cadet import CADETConfig, CADETTrainer, NADOModel
+from trl_cadet.decoding import NADOLogitsProcessor
+from trl_cadet.nado import target_logprobs
+
+
+BAD_WORD = "idiot"
+REPLIES = ["good morning, how are you", "thank you for asking", f"you are an {BAD_WORD}"]
+
+
+def corpus(n: int = 48) -> Dataset:
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "hello there"},
+                    {"role": "assistant", "content": REPLIES[i % len(REPLIES)]},
+                ]
+            }
+            for i in range(n)
+        ]
+    )
+
+
+def no_bad_word(prompts, completions, **kwargs):
+    """Toy oracle: satisfied unless the completion contains the bad word."""
+    return [0.0 if BAD_WORD in c[-1]["content"] else 1.0 for c in completions]
+
+
+def config(tmp_path, **overrides) -> CADETConfig:
+    values = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        max_steps=4,
+        steps_per_round=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        prompts_per_round=4,
+        num_generations=2,
+        max_completion_length=8,
+        generation_batch_size=8,
+        nado_batch_size=4,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return CADETConfig(**values)
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+EXPECTED_METRICS = [
+    "loss",
+    "cadet/lm_loss",
+    "cadet/kl",
+    "cadet/lambda",
+    "oracle/satisfaction",
+    "oracle/mean_score",
+    "oracle/dropped",
+    "oracle/calls",
+    "oracle/samples_per_second",
+    "nado/bce",
+    "nado/consistency",
+    "nado/accuracy",
+    "time/oracle_phase",
+    "time/generation",
+    "time/labelling",
+    "time/nado_training",
+    "time/finetune_phase",
+    "time/round",
+    "round",
+]
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_training_changes_parameters_and_logs_every_metric(tokenizer, tiny_llama, tmp_path, schedule):
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path, round_schedule=schedule, max_steps=6),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if name in before:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+    assert trainer.nado.head.weight.abs().sum() > 0, "the NADO model was never trained"
+    for key in EXPECTED_METRICS:
+        assert logged(trainer, key), f"{key} was not logged"
+    assert trainer.current_round == 2
+
+
+@pytest.mark.parametrize("schedule,lag", [("sequential", 0), ("parallel", 1)])
+def test_nado_staleness_per_schedule(tokenizer, tiny_llama, tmp_path, schedule, lag):
+    """Sequential: round k uses the NADO trained on round k's policy. Parallel: on round k-1's (k >= 1)."""
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((trainer.current_round, trainer.nado_source_round))
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path, round_schedule=schedule, max_steps=8),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+        callbacks=[Record()],
+    )
+    trainer.train()
+    assert [r for r, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for round_index, source in seen:
+        assert source == max(round_index - lag, 0)
+
+
+def test_parallel_schedule_overlaps_the_two_phases(tokenizer, tiny_llama, tmp_path):
+    """The oracle phase runs in another thread while optimisation steps go on."""
+    oracle_windows, step_times = [], []
+
+    def slow_oracle(prompts, completions, **kwargs):
+        start = time.perf_counter()
+        time.sleep(1.0)  # a remote judge
+        oracle_windows.append((threading.current_thread().name, start, time.perf_counter()))
+        return no_bad_word(prompts, completions)
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_times.append(time.perf_counter())
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=slow_oracle,
+        args=config(tmp_path, round_schedule="parallel", max_steps=12, steps_per_round=6),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+        callbacks=[Record()],
+    )
+    trainer.train()
+    background = [(start, end) for name, start, end in oracle_windows if name.startswith("cadet-oracle")]
+    assert background, "no oracle phase ran in the background thread"
+    overlapping = [t for t in step_times for start, end in background if start < t < end]
+    assert overlapping, "no optimisation step happened while the background oracle phase ran"
+
+
+def _sft_warm_start(tokenizer, tiny_llama, tmp_path):
+    """A tiny LM that has learnt the corpus, bad word included, so the oracle sees violations to learn from."""
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path / "warm", cadet_lambda=0.0, max_steps=40, steps_per_round=40, learning_rate=1e-2),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    return trainer.model
+
+
+def _bad_word_rate(model, tokenizer, n=64, seed=123):
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tokenizer([prompt] * n, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(seed)
+    out = model.generate(**inputs, do_sample=True, max_new_tokens=10, top_k=0, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return sum(BAD_WORD in t for t in texts) / n
+
+
+def test_cadet_lowers_the_penalised_word_versus_plain_sft(tokenizer, tiny_llama, tmp_path):
+    warm = _sft_warm_start(tokenizer, tiny_llama, tmp_path)
+    state = {k: v.clone() for k, v in warm.state_dict().items()}
+    base_rate = _bad_word_rate(warm, tokenizer)
+    assert base_rate > 0.1, "the warm start should say the bad word sometimes, or the test shows nothing"
+
+    rates = {}
+    for lam in (0.0, 4.0):
+        warm.load_state_dict(state)
+        trainer = CADETTrainer(
+            model=warm,
+            oracle_funcs=no_bad_word,
+            args=config(
+                tmp_path / f"lambda-{lam}",
+                cadet_lambda=lam,
+                max_steps=24,
+                steps_per_round=8,
+                learning_rate=1e-3,
+                prompts_per_round=8,
+                num_generations=8,
+                nado_epochs=4,
+            ),
+            train_dataset=corpus(),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        rates[lam] = _bad_word_rate(trainer.model, tokenizer)
+    print("bad-word rate by lambda:", rates, "warm start:", base_rate)
+    assert rates[4.0] < 0.5 * rates[0.0], rates
+
+
+def test_lora_trains_adapters_only(tokenizer, tiny_llama, tmp_path):
+    from peft import LoraConfig
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed), changed
+    assert any("lora_B" in n for n in changed)
+    assert logged(trainer, "nado/bce")
+
+
+def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    trainer = CADETTrainer(
+        model=tiny_llama_path,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert getattr(trainer.model, "is_loaded_in_4bit", False) or trainer.model.get_base_model().is_loaded_in_4bit
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert lora and any(not torch.equal(p, lora[n]) for n, p in trainer.model.named_parameters() if n in lora)
+    assert trainer.nado.head.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule):
+    from conftest import build_llama
+
+    def run(output_dir, resume=None):
+        trainer = CADETTrainer(
+            model=build_llama(tokenizer),
+            oracle_funcs=no_bad_word,
+            args=config(
+                output_dir,
+                round_schedule=schedule,
+                max_steps=8,
+                save_strategy="steps",
+                save_steps=3,
+                lambda_schedule="adaptive",
+                lambda_lr=2.0,
+                target_satisfaction=0.99,
+            ),
+            train_dataset=corpus(),
+            processing_class=tokenizer,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+        lambdas = {e["step"]: e["cadet/lambda"] for e in trainer.state.log_history if "cadet/lambda" in e}
+        return trainer, losses, lambdas
+
+    _, losses, lambdas = run(tmp_path / "full")
+    resumed, resumed_losses, resumed_lambdas = run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-3"))
+    for step in range(4, 9):
+        assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-5), step
+        assert resumed_lambdas[step] == pytest.approx(lambdas[step]), step
+    assert len(set(lambdas.values())) > 1, "λ should move under the adaptive schedule"
+
+
+def test_save_model_writes_nado_and_model_card(tokenizer, tiny_llama, tmp_path):
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    nado = NADOModel.from_pretrained(tmp_path / "nado")
+    torch.testing.assert_close(nado.head.weight, trainer.nado.head.weight.cpu())
+    card = (tmp_path / "README.md").read_text()
+    assert "cadet" in card and "2410.05559" in card
+
+
+def test_guided_decoding_processor_follows_q_and_avoids_a_forbidden_token(tokenizer, tiny_llama):
+    nado = NADOModel.from_lm(tiny_llama)
+    forbidden = tokenizer.convert_tokens_to_ids("<|end|>")
+    with torch.no_grad():
+        nado.head.weight.normal_(std=0.5)
+        nado.head.bias[forbidden] = -30.0  # R ≈ 0 for this token whatever the context
+    prompt = tokenizer(["hello there"] * 16, return_tensors="pt")
+
+    with torch.no_grad():
+        outputs = tiny_llama(**prompt, output_hidden_states=True)
+    processor = NADOLogitsProcessor(tiny_llama, nado)
+    try:
+        with torch.no_grad():
+            tiny_llama(**prompt)  # the hook captures the states of this forward pass
+            scores = processor(prompt["input_ids"], outputs.logits[:, -1])
+        expected = target_logprobs(outputs.logits[:, -1], nado(outputs.hidden_states[-1])[:, -1])
+        torch.testing.assert_close(torch.log_softmax(scores, -1), expected, atol=1e-5, rtol=1e-5)
+
+        # Make the forbidden token likely, then check guided sampling never emits it
+        with torch.no_grad():
+            tiny_llama.lm_head.bias = None
+            tiny_llama.lm_head.weight[forbidden] += 5.0 * tiny_llama.lm_head.weight.abs().mean()
+        kwargs = dict(do_sample=True, max_new_tokens=12, top_k=0, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        plain = tiny_llama.generate(**prompt, **kwargs)
+        torch.manual_seed(0)
+        guided = tiny_llama.generate(**prompt, logits_processor=[processor], **kwargs)
+    finally:
+        processor.remove()
+    new = prompt["input_ids"].shape[1]
+    assert (plain[:, new:] == forbidden).any()
+    assert not (guided[:, new:] == forbidden).any()

@@ -1,0 +1,305 @@
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+
+@dataclass
+class CADETConfig(SFTConfig):
+    r"""
+    Configuration class for the [`CADETTrainer`].
+
+    CADET fine-tunes a causal LM on a corpus (any [`~trl.SFTTrainer`] dataset) while a closed-form token-level KL
+    pulls it toward the closest distribution that satisfies a sequence-level constraint judged by an oracle. This
+    class inherits every parameter of [`~trl.SFTConfig`] (dataset text field, `max_length`, packing, completion-only
+    and assistant-only loss, ...) and adds the ones below. Using [`~transformers.HfArgumentParser`] we can turn this
+    class into argparse arguments that can be specified on the command line.
+
+    Parameters:
+        > Parameters that control the oracle
+
+        oracle_labels (`str`, *optional*, defaults to `"hard"`):
+            How oracle scores become NADO labels: `"hard"` gives `C = 1[score >= oracle_threshold]`, `"soft"` uses the
+            score itself as the label.
+        oracle_threshold (`float`, *optional*, defaults to `0.5`):
+            Satisfaction threshold for hard labels. Oracles return a satisfaction score in `[0, 1]` (1 = constraint
+            satisfied; for a toxicity classifier, `1 - toxicity`).
+        oracle_weights (`list[float]`, *optional*):
+            Weights of the oracles when several are given; their scores are combined by a weighted mean. Defaults to
+            equal weights.
+        oracle_max_retries (`int`, *optional*, defaults to `2`):
+            How many times an oracle that raises is called again before the samples of that batch are dropped.
+
+        > Parameters that control sampling in the oracle phase
+
+        prompts_per_round (`int`, *optional*, defaults to `32`):
+            Prompts drawn per round (across all processes) for the oracle phase.
+        num_generations (`int`, *optional*, defaults to `4`):
+            Completions sampled per prompt.
+        max_prompt_length (`int` or `None`, *optional*, defaults to `256`):
+            Longest prompt, in tokens, accepted for the oracle phase; a longer one is an error, raised before training.
+        max_completion_length (`int`, *optional*, defaults to `48`):
+            Maximum number of tokens sampled per completion.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the oracle phase.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling threshold of the oracle phase.
+        generation_batch_size (`int`, *optional*, defaults to `16`):
+            Number of sequences generated (and scored by the LM for NADO training) per forward batch.
+        corpus_prompt_length (`int`, *optional*, defaults to `16`):
+            For a language-modeling corpus (a text column, no prompts) and no `prompt_dataset`, prompts are the first
+            `corpus_prompt_length` tokens of corpus texts.
+
+        > Parameters that control the NADO model
+
+        nado_num_layers (`int`, *optional*, defaults to `0`):
+            Extra causal transformer layers between the LM's hidden states and the NADO head. `0` is a head only.
+        nado_hidden_state_layer (`int`, *optional*, defaults to `-1`):
+            Which of the LM's hidden states the NADO model reads (an index into `outputs.hidden_states`).
+        nado_learning_rate (`float`, *optional*, defaults to `1e-3`):
+            Learning rate of the NADO model (AdamW).
+        nado_epochs (`int`, *optional*, defaults to `2`):
+            Passes over the samples of a round when training the NADO model.
+        nado_batch_size (`int`, *optional*, defaults to `8`):
+            Completions per NADO training step.
+        nado_consistency_weight (`float`, *optional*, defaults to `1.0`):
+            β, the weight of the consistency term of the NADO loss.
+        nado_importance_weighting (`bool`, *optional*, defaults to `True`):
+            Whether to reweight samples by self-normalised importance weights `p_θ(y|x) / p_sample(y|x)` when the
+            sampling proposal differs from the policy (`temperature != 1` or `top_p < 1`).
+        nado_model_name_or_path (`str` or `None`, *optional*):
+            A saved NADO model to start from (for example the `nado/` folder of a previous run) instead of a
+            zero-initialised one.
+
+        > Parameters that control the regulariser
+
+        cadet_lambda (`float`, *optional*, defaults to `1.0`):
+            λ, the weight of the regulariser Ω. `0.0` is plain SFT (the oracle phase still runs and is logged). With
+            `lambda_schedule="adaptive"`, the initial value.
+        lambda_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"` or `"adaptive"`: dual ascent on the constraint `E[C] >= target_satisfaction`,
+            `λ ← max(0, λ + lambda_lr · (target_satisfaction - ĉ))` after each oracle phase.
+        target_satisfaction (`float`, *optional*, defaults to `0.9`):
+            δ, the satisfaction rate the adaptive schedule aims for.
+        lambda_lr (`float`, *optional*, defaults to `1.0`):
+            η, the step size of the adaptive schedule.
+        regularized_positions (`str`, *optional*, defaults to `"corpus"`):
+            Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
+            of the latest oracle samples, one extra forward pass per step) or `"both"`.
+
+        > Parameters that control the rounds
+
+        steps_per_round (`int`, *optional*, defaults to `50`):
+            LM optimisation steps per round; an oracle phase starts every `steps_per_round` steps.
+        round_schedule (`str`, *optional*, defaults to `"sequential"`):
+            `"sequential"`: the oracle phase of round k samples the current policy, then fine-tuning uses the new
+            NADO. `"parallel"`: the oracle phase of round k runs in the background on a snapshot of the policy while
+            fine-tuning uses the NADO of round k-1 (one round stale), so a round costs max(O, F) instead of O + F.
+        oracle_device (`str` or `None`, *optional*):
+            Device of the oracle phase in the parallel schedule (the policy snapshot and the NADO being trained), for
+            example `"cuda:1"`. Defaults to the training device.
+    """
+
+    # Parameters whose default differs from SFTConfig
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "The initial learning rate for AdamW."},
+    )
+
+    # Parameters that control the oracle
+    oracle_labels: str = field(
+        default="hard",
+        metadata={
+            "help": "How oracle scores become NADO labels: 'hard' (score >= oracle_threshold) or 'soft' (the score).",
+            "choices": ["hard", "soft"],
+        },
+    )
+    oracle_threshold: float = field(
+        default=0.5,
+        metadata={"help": "Satisfaction threshold for hard labels (oracles return 1 when the constraint holds)."},
+    )
+    oracle_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of the oracles, combined by a weighted mean. Defaults to equal weights."},
+    )
+    oracle_max_retries: int = field(
+        default=2,
+        metadata={"help": "Retries of an oracle that raises before the samples of that batch are dropped."},
+    )
+
+    # Parameters that control sampling in the oracle phase
+    prompts_per_round: int = field(
+        default=32,
+        metadata={"help": "Prompts drawn per round (across all processes) for the oracle phase."},
+    )
+    num_generations: int = field(
+        default=4,
+        metadata={"help": "Completions sampled per prompt in the oracle phase."},
+    )
+    max_prompt_length: int | None = field(
+        default=256,
+        metadata={"help": "Longest accepted prompt, in tokens; a longer one is an error raised before training."},
+    )
+    max_completion_length: int = field(
+        default=48,
+        metadata={"help": "Maximum number of tokens sampled per completion."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of the oracle phase."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling threshold of the oracle phase."},
+    )
+    generation_batch_size: int = field(
+        default=16,
+        metadata={"help": "Sequences generated, and scored for NADO training, per forward batch."},
+    )
+    corpus_prompt_length: int = field(
+        default=16,
+        metadata={"help": "Prompt length, in tokens, taken from texts of a language-modeling corpus."},
+    )
+
+    # Parameters that control the NADO model
+    nado_num_layers: int = field(
+        default=0,
+        metadata={"help": "Extra causal transformer layers under the NADO head (0: a head on the LM's states)."},
+    )
+    nado_hidden_state_layer: int = field(
+        default=-1,
+        metadata={"help": "Index into the LM's `hidden_states` that the NADO model reads."},
+    )
+    nado_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate of the NADO model (AdamW)."},
+    )
+    nado_epochs: int = field(
+        default=2,
+        metadata={"help": "Passes over a round's samples when training the NADO model."},
+    )
+    nado_batch_size: int = field(
+        default=8,
+        metadata={"help": "Completions per NADO training step."},
+    )
+    nado_consistency_weight: float = field(
+        default=1.0,
+        metadata={"help": "β, the weight of the consistency term of the NADO loss."},
+    )
+    nado_importance_weighting: bool = field(
+        default=True,
+        metadata={"help": "Reweight samples by p_θ(y|x) / p_sample(y|x) when temperature != 1 or top_p < 1."},
+    )
+    nado_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved NADO model to start from instead of a zero-initialised one."},
+    )
+
+    # Parameters that control the regulariser
+    cadet_lambda: float = field(
+        default=1.0,
+        metadata={"help": "λ, the weight of the regulariser (the initial value with the adaptive schedule)."},
+    )
+    lambda_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' or 'adaptive' (dual ascent on E[C] >= target_satisfaction).",
+            "choices": ["constant", "adaptive"],
+        },
+    )
+    target_satisfaction: float = field(
+        default=0.9,
+        metadata={"help": "δ, the satisfaction rate the adaptive λ schedule aims for."},
+    )
+    lambda_lr: float = field(
+        default=1.0,
+        metadata={"help": "η, the step size of the adaptive λ schedule."},
+    )
+    regularized_positions: str = field(
+        default="corpus",
+        metadata={
+            "help": "Where the regulariser applies: 'corpus', 'samples' or 'both'.",
+            "choices": ["corpus", "samples", "both"],
+        },
+    )
+
+    # Parameters that control the rounds
+    steps_per_round: int = field(
+        default=50,
+        metadata={"help": "LM optimisation steps per round."},
+    )
+    round_schedule: str = field(
+        default="sequential",
+        metadata={
+            "help": "'sequential' or 'parallel' (the oracle phase overlaps fine-tuning, one round stale).",
+            "choices": ["sequential", "parallel"],
+        },
+    )
+    oracle_device: str | None = field(
+        default=None,
+        metadata={"help": "Device of the background oracle phase in the parallel schedule (e.g. 'cuda:1')."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        choices = {
+            "oracle_labels": ("hard", "soft"),
+            "lambda_schedule": ("constant", "adaptive"),
+            "regularized_positions": ("corpus", "samples", "both"),
+            "round_schedule": ("sequential", "parallel"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}."
+                )
+        positive = (
+            "prompts_per_round",
+            "num_generations",
+            "max_completion_length",
+            "generation_batch_size",
+            "nado_epochs",
+            "nado_batch_size",
+            "steps_per_round",
+            "corpus_prompt_length",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"`max_prompt_length` must be at least 1 or None, got {self.max_prompt_length}.")
+        if not 0.0 <= self.oracle_threshold <= 1.0:
+            raise ValueError(
+                f"`oracle_threshold` must be in [0, 1] (oracles return a satisfaction score in [0, 1]), got "
+                f"{self.oracle_threshold}."
+            )
+        if not 0.0 <= self.target_satisfaction <= 1.0:
+            raise ValueError(f"`target_satisfaction` must be in [0, 1], got {self.target_satisfaction}.")
+        if self.cadet_lambda < 0:
+            raise ValueError(f"`cadet_lambda` must be non-negative, got {self.cadet_lambda}; λ = 0 is plain SFT.")
+        if self.lambda_lr < 0:
+            raise ValueError(f"`lambda_lr` must be non-negative, got {self.lambda_lr}.")
+        if self.nado_consistency_weight < 0:
+            raise ValueError(f"`nado_consistency_weight` must be non-negative, got {self.nado_consistency_weight}.")
+        if self.nado_learning_rate <= 0:
+            raise ValueError(f"`nado_learning_rate` must be positive, got {self.nado_learning_rate}.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if self.oracle_max_retries < 0:
+            raise ValueError(f"`oracle_max_retries` must be non-negative, got {self.oracle_max_retries}.")
+        if self.use_liger_kernel:
+            raise ValueError(
+                "CADET needs the LM's full logits to compute its regulariser, which the Liger kernel does not build. "
+                "Set `use_liger_kernel=False`."
+            )
+        if self.nado_num_layers > 0 and (self.packing or self.padding_free):
+            raise ValueError(
+                "A NADO model with extra layers attends across the whole sequence and cannot tell packed sequences "
+                "apart. Set `nado_num_layers=0`, or `packing=False` and `padding_free=False`."
+            )
+        if self.oracle_device is not None and self.round_schedule != "parallel":
+            raise ValueError(
+                "`oracle_device` is used by the parallel schedule only. Set `round_schedule='parallel'` or leave "
+                "`oracle_device` unset."
+            )

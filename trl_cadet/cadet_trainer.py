@@ -1,0 +1,580 @@
+import copy
+import json
+import logging
+import os
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+from trl.models import unwrap_model_for_generation
+
+from .cadet_config import CADETConfig
+from .modeling_nado import NADOModel
+from .nado import cadet_kl, regularized_mask
+from .oracle_phase import PhaseResult, Samples, collate_samples, run_oracle_phase, tokenize_prompts
+from .oracles.registry import load_oracle
+
+
+logger = logging.getLogger(__name__)
+
+NADO_DIR = "nado"
+PENDING_NADO_DIR = "nado_pending"
+NADO_OPTIMIZER_NAME = "nado_optimizer.pt"
+CADET_STATE_NAME = "cadet_state.json"
+
+CITATION = """\
+@inproceedings{meng2024attribute,
+    title     = {{Attribute Controlled Fine-tuning for Large Language Models: A Case Study on Detoxification}},
+    author    = {Tao Meng and Ninareh Mehrabi and Palash Goyal and Anil Ramakrishna and Aram Galstyan and Richard Zemel and Kai-Wei Chang and Rahul Gupta and Charith Peris},
+    booktitle = {Findings of the Association for Computational Linguistics: EMNLP 2024},
+    year      = 2024,
+    eprint    = {arXiv:2410.05559}
+}"""
+
+
+def extract_prompts(dataset: Dataset | IterableDataset, processing_class, corpus_prompt_length: int) -> list[Any]:
+    """Prompts for the oracle phase, from a prompt dataset or from the corpus itself.
+
+    A `prompt` column is used as is (standard or conversational). A conversational `messages` column gives the
+    conversation up to its last assistant turn. A plain `text` column gives its first `corpus_prompt_length` tokens.
+    """
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    prompts: list[Any] = []
+    if "prompt" in columns:
+        prompts = [example["prompt"] for example in dataset]
+    elif "messages" in columns:
+        for example in dataset:
+            messages = example["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last:
+                prompts.append(messages[:last])
+    elif "text" in columns:
+        for example in dataset:
+            ids = processing_class(text=example["text"], add_special_tokens=False)["input_ids"][:corpus_prompt_length]
+            if ids:
+                prompts.append(processing_class.decode(ids))
+    else:
+        raise ValueError(
+            f"Cannot find prompts for the oracle phase in a dataset with columns {columns}. Give the dataset a "
+            "'prompt' column (standard or conversational), a conversational 'messages' column or a 'text' column, "
+            "or pass `prompt_dataset=` with a 'prompt' column."
+        )
+    return [p for p in prompts if p]
+
+
+class _RoundTimer(TrainerCallback):
+    """Keeps the trainer's round clock in step with the optimisation steps."""
+
+    def __init__(self, trainer: "CADETTrainer"):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._finish_pending_phase(install=True)
+
+
+class CADETTrainer(SFTTrainer):
+    """
+    Trainer for CADET: attribute-controlled fine-tuning, introduced in [Attribute Controlled Fine-tuning for Large
+    Language Models: A Case Study on Detoxification](https://huggingface.co/papers/2410.05559).
+
+    A drop-in [`~trl.SFTTrainer`]: the corpus, its formats and every SFT option work unchanged. Training runs in rounds.
+    Each round has an oracle phase (sample completions of the current LM for a set of prompts, label them with the
+    oracles, train the NADO model that predicts for every next token the chance `R` that the completion will satisfy
+    the constraint) and a fine-tuning phase where the loss is the LM loss plus `λ · KL(q ‖ p_θ)`, `q ∝ p_θ · R` being
+    the closest distribution to the current LM that satisfies the constraint.
+
+    Example:
+
+    ```python
+    from datasets import load_dataset
+    from trl_cadet import CADETConfig, CADETTrainer
+
+    dataset = load_dataset("trl-lib/Capybara", split="train")
+    trainer = CADETTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        oracle_funcs="detoxify",
+        args=CADETConfig(output_dir="Qwen2.5-0.5B-CADET", cadet_lambda=1.0),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    ```
+
+    Args:
+        model (`str` or [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The model to train, as in [`~trl.SFTTrainer`]: a path or Hub id (loaded with `args.model_init_kwargs` and
+            `quantization_config`), or a model.
+        oracle_funcs (callable, model, `str`, or a list of them, *optional*):
+            The sequence-level oracle(s), in TRL's reward-function conventions: a callable
+            `(prompts, completions, **kwargs) -> list[float]` returning a satisfaction score in `[0, 1]` per
+            completion (1 = constraint satisfied, `None` or NaN = no verdict, the sample is dropped); a
+            sequence-classification model or its path; or a built-in name (`"detoxify"`, `"jigsaw"`, `"profanity"`).
+            Several oracles are combined by a weighted mean (`args.oracle_weights`). Defaults to `"detoxify"`.
+        args ([`CADETConfig`], *optional*):
+            Configuration. Defaults to `CADETConfig(f"{model_name}-CADET")`.
+        train_dataset, eval_dataset, data_collator, processing_class, compute_metrics, callbacks, optimizers,
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config, formatting_func:
+            As in [`~trl.SFTTrainer`].
+        prompt_dataset ([`~datasets.Dataset`], *optional*):
+            Prompts for the oracle phase, in a `prompt` column (standard or conversational). Defaults to prompts taken
+            from `train_dataset`.
+        nado_model ([`NADOModel`], *optional*):
+            A NADO model to start from. Defaults to `args.nado_model_name_or_path`, or a zero-initialised one.
+    """
+
+    _tag_names = ["trl", "cadet"]
+    _name = "CADET"
+    _paper = {
+        "title": "Attribute Controlled Fine-tuning for Large Language Models: A Case Study on Detoxification",
+        "id": "2410.05559",
+        "citation": CITATION,
+    }
+
+    def __init__(
+        self,
+        model: "str | PreTrainedModel",
+        oracle_funcs: Any = None,
+        args: CADETConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        prompt_dataset: Dataset | None = None,
+        nado_model: NADOModel | None = None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = CADETConfig(f"{model_name.split('/')[-1]}-CADET")
+        elif not isinstance(args, CADETConfig):
+            raise TypeError(
+                f"`args` must be a `CADETConfig`, got `{type(args).__name__}`. Build one with the same arguments: "
+                "`CADETConfig(**sft_config.to_dict())`."
+            )
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: CADET fine-tunes on a corpus, like `SFTTrainer`.")
+        for name, dataset in (("train_dataset", train_dataset), ("prompt_dataset", prompt_dataset)):
+            if isinstance(dataset, Dataset) and len(dataset) == 0:
+                raise ValueError(f"`{name}` is empty. Pass a dataset with at least one example.")
+
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+        tokenizer = self._tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The tokenizer has no pad token, which batched sampling needs. Set one before building the trainer, "
+                "e.g. `tokenizer.pad_token = tokenizer.eos_token`."
+            )
+
+        # Oracles
+        if oracle_funcs is None:
+            oracle_funcs = ["detoxify"]
+        elif not isinstance(oracle_funcs, list | tuple):
+            oracle_funcs = [oracle_funcs]
+        if not oracle_funcs:
+            raise ValueError("`oracle_funcs` is empty. Pass at least one oracle, e.g. `oracle_funcs='detoxify'`.")
+        self.oracle_funcs = [load_oracle(oracle) for oracle in oracle_funcs]
+        if args.oracle_weights is not None and len(args.oracle_weights) != len(self.oracle_funcs):
+            raise ValueError(
+                f"`oracle_weights` has {len(args.oracle_weights)} values for {len(self.oracle_funcs)} oracles. Give one "
+                "weight per oracle, or leave it unset for equal weights."
+            )
+
+        # Prompts of the oracle phase, checked now rather than after hours of training
+        source = prompt_dataset if prompt_dataset is not None else train_dataset
+        self.prompts = extract_prompts(source, tokenizer, args.corpus_prompt_length)
+        if not self.prompts:
+            raise ValueError(
+                "No prompt for the oracle phase could be taken from the "
+                f"{'prompt_dataset' if prompt_dataset is not None else 'train_dataset'}. Pass `prompt_dataset=` with "
+                "a non-empty 'prompt' column."
+            )
+        self.prompt_ids = tokenize_prompts(self.prompts, tokenizer)
+        if args.max_prompt_length is not None:
+            too_long = [i for i, ids in enumerate(self.prompt_ids) if len(ids) > args.max_prompt_length]
+            if too_long:
+                longest = max(len(self.prompt_ids[i]) for i in too_long)
+                raise ValueError(
+                    f"{len(too_long)} of {len(self.prompt_ids)} oracle-phase prompts are longer than "
+                    f"`max_prompt_length={args.max_prompt_length}` tokens (the longest has {longest}, e.g. prompt "
+                    f"#{too_long[0]}). Raise `max_prompt_length`, or shorten or filter those prompts."
+                )
+        if args.round_schedule == "parallel" and self.accelerator.num_processes > 1:
+            raise ValueError(
+                "The parallel schedule runs the oracle phase in a background thread, which cannot take part in the "
+                "collective operations of a multi-process run. Use `round_schedule='sequential'` with several "
+                "processes, or one process with `oracle_device` set to a second device."
+            )
+
+        # NADO model: the one the regulariser reads, and (parallel schedule) a second one trained in the background
+        lm = self.accelerator.unwrap_model(self.model)
+        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        if nado_model is None and args.nado_model_name_or_path is not None:
+            nado_model = NADOModel.from_pretrained(args.nado_model_name_or_path)
+        if nado_model is None:
+            nado_model = NADOModel.from_lm(
+                lm, num_layers=args.nado_num_layers, hidden_state_layer=args.nado_hidden_state_layer
+            )
+        expected = NADOModel.from_lm(lm).config
+        if (nado_model.config.vocab_size, nado_model.config.hidden_size) != (
+            expected.vocab_size,
+            expected.hidden_size,
+        ):
+            raise ValueError(
+                f"The NADO model scores {nado_model.config.vocab_size} tokens from {nado_model.config.hidden_size}-wide "
+                f"states, but the LM has {expected.vocab_size} logits and {expected.hidden_size}-wide states. Use a "
+                "NADO model trained for this LM, or leave `nado_model`/`nado_model_name_or_path` unset to start from "
+                "a new one."
+            )
+        self.nado = nado_model.to(device=self.accelerator.device, dtype=torch.float32).eval()
+        self.nado.requires_grad_(False)
+        if args.round_schedule == "parallel":
+            oracle_device = torch.device(args.oracle_device) if args.oracle_device else self.accelerator.device
+            self._nado_train = copy.deepcopy(self.nado).to(oracle_device)
+            self._oracle_device = oracle_device
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadet-oracle")
+        else:
+            self._nado_train = self.nado
+            self._oracle_device = self.accelerator.device
+            self._executor = None
+        self._nado_train.requires_grad_(True)
+        self.nado_optimizer = torch.optim.AdamW(self._nado_train.parameters(), lr=args.nado_learning_rate)
+        self._nado_train.requires_grad_(False)
+
+        # Round state: everything here is saved in checkpoints
+        self.cadet_lambda = args.cadet_lambda
+        self.current_round = -1
+        self.nado_source_round: int | None = None  # the round whose policy generated the NADO's training samples
+        self.oracle_calls = 0
+        self._latest_samples = Samples()
+        self._pending: Future | PhaseResult | None = None
+        self._snapshot: PreTrainedModel | None = None
+        self._round_started_at: float | None = None
+        self._round_blocking = 0.0
+        self.add_callback(_RoundTimer(self))
+
+    # Rounds
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        round_index = self.state.global_step // self.args.steps_per_round
+        if round_index != self.current_round:
+            self._begin_round(round_index)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _round_prompts(self, round_index: int) -> tuple[list[Any], list[list[int]]]:
+        """This process's share of the round's prompts: the same draw on every process, then split by rank."""
+        rng = random.Random(self.args.seed * 1_000_003 + round_index)
+        count = min(self.args.prompts_per_round, len(self.prompts))
+        chosen = rng.sample(range(len(self.prompts)), count)
+        mine = chosen[self.accelerator.process_index :: self.accelerator.num_processes]
+        return [self.prompts[i] for i in mine], [self.prompt_ids[i] for i in mine]
+
+    def _gather(self, samples: Samples, metrics: dict[str, float]):
+        if self.accelerator.num_processes == 1:
+            return samples, metrics
+        merged = Samples()
+        for part in gather_object([samples.to_dict()]):
+            merged.extend(Samples(**part))
+        dropped = sum(gather_object([metrics.get("oracle/dropped", 0.0)]))
+        per_oracle = {}
+        for key in [k for k in metrics if k.endswith("/mean")]:
+            values = gather_object([metrics[key]])
+            per_oracle[key] = sum(values) / len(values)
+        return merged, {**metrics, **per_oracle, "oracle/dropped": dropped}
+
+    def _oracle_phase(self, policy, round_index: int, gather) -> PhaseResult:
+        prompts, prompt_ids = self._round_prompts(round_index)
+        return run_oracle_phase(
+            policy,
+            self._nado_train,
+            self.nado_optimizer,
+            self._tokenizer,
+            self.oracle_funcs,
+            prompts,
+            prompt_ids,
+            self.args,
+            round_index,
+            gather=gather,
+        )
+
+    def _begin_round(self, round_index: int) -> None:
+        now = time.perf_counter()
+        if self._round_started_at is not None:
+            self._metrics["train"]["time/round"].append(now - self._round_started_at)
+            self._metrics["train"]["time/finetune_phase"].append(now - self._round_started_at - self._round_blocking)
+        self._round_started_at, self._round_blocking = now, 0.0
+        self.current_round = round_index
+
+        if self.args.round_schedule == "sequential" or self.nado_source_round is None:
+            # Sequential, and the first round of the parallel schedule: O_k on the current policy, then F_k
+            self._finish_pending_phase(install=True)
+            with unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as policy:
+                result = self._oracle_phase(policy, round_index, gather=self._gather)
+            self._install(result)
+        else:
+            # Parallel: install O_{k-1} (trained on the policy of round k-1), then start O_k on a snapshot of the
+            # current policy in the background while F_k runs with the NADO of round k-1
+            self._finish_pending_phase(install=True)
+            snapshot = self._snapshot_policy()
+            self._pending = self._executor.submit(self._oracle_phase, snapshot, round_index, None)
+        self._round_blocking += time.perf_counter() - now
+
+    def _snapshot_policy(self) -> PreTrainedModel:
+        """A frozen copy of the current policy on the oracle device, refreshed in place after the first round."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self._snapshot is None:
+            try:
+                self._snapshot = copy.deepcopy(policy).to(self._oracle_device)
+            except Exception as error:
+                raise RuntimeError(
+                    f"Could not copy the policy for the parallel schedule ({type(error).__name__}: {error}). Use "
+                    "`round_schedule='sequential'`."
+                ) from error
+            self._snapshot.requires_grad_(False)
+        else:
+            # Only trainable parameters change during training; frozen (e.g. quantised base) weights are shared state
+            live = dict(policy.named_parameters())
+            with torch.no_grad():
+                for name, param in self._snapshot.named_parameters():
+                    if live[name].requires_grad:
+                        param.copy_(live[name].detach())
+        self._snapshot.eval()
+        return self._snapshot
+
+    def _finish_pending_phase(self, install: bool) -> None:
+        """Wait for the background oracle phase, if any; install its NADO when `install`, else keep it pending."""
+        if isinstance(self._pending, Future):
+            self._pending = self._pending.result()
+        if install and self._pending is not None:
+            result, self._pending = self._pending, None
+            self._install(result)
+
+    def _install(self, result: PhaseResult) -> None:
+        """Make the NADO trained by `result`'s phase the one the regulariser uses, and update λ."""
+        if self._nado_train is not self.nado:
+            self.nado.load_state_dict(self._nado_train.state_dict())
+        self.nado_source_round = result.round
+        self.oracle_calls += len(result.samples) + int(result.metrics.get("oracle/dropped", 0))
+        self._latest_samples = result.samples
+        if result.satisfaction is None:
+            logger.warning(
+                "Every sample of the oracle phase of round %d was dropped (the oracles returned None/NaN or failed); "
+                "the NADO model was not updated. Check the oracles.",
+                result.round,
+            )
+        elif len(set(result.samples.labels)) == 1:
+            logger.warning(
+                "Every sample of round %d got the label %s, so the NADO model has nothing to tell apart and the "
+                "regulariser stays weak. Sample more (`prompts_per_round`, `num_generations`), include prompts that "
+                "elicit violations, or change `oracle_threshold` / use `oracle_labels='soft'`.",
+                result.round,
+                result.samples.labels[0],
+            )
+        if self.args.lambda_schedule == "adaptive" and result.satisfaction is not None:
+            self.cadet_lambda = max(
+                0.0, self.cadet_lambda + self.args.lambda_lr * (self.args.target_satisfaction - result.satisfaction)
+            )
+        for key, value in result.metrics.items():
+            self._metrics["train"][key].append(value)
+        self._metrics["train"]["round"].append(float(result.round))
+        self._metrics["train"]["oracle/calls"].append(float(self.oracle_calls))
+
+    # Loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs, use_cache=False, output_hidden_states=True)
+
+        # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known
+        mask = regularized_mask(labels)
+        logits = outputs.logits[mask]  # [N, V]: only the positions that are trained on
+        targets = labels[:, 1:][mask[:, :-1]]
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        normaliser = torch.as_tensor(num_tokens, device=logits.device, dtype=torch.float32).clamp(min=1)
+        lm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            lm_loss = lm_loss * self.accelerator.num_processes
+        loss = lm_loss
+
+        positions = self.args.regularized_positions
+        lam = self.cadet_lambda
+        kl = torch.zeros((), device=logits.device)
+        if positions in ("corpus", "both") and self.nado_source_round is not None:
+            hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
+            with torch.no_grad():
+                if self.nado.config.num_layers:
+                    nado_logits = self.nado(hidden, inputs.get("attention_mask"))[mask]
+                else:
+                    nado_logits = self.nado(hidden[mask])  # the head is position-wise: score the used positions only
+            kl_sum = cadet_kl(logits, nado_logits, reduction="none").sum()
+            kl = kl_sum / normaliser
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                kl = kl * self.accelerator.num_processes
+            if lam > 0:
+                loss = loss + lam * kl
+        if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
+            sample_kl = self._samples_kl(model)
+            if num_items_in_batch is not None:
+                sample_kl = sample_kl / self.current_gradient_accumulation_steps
+            loss = loss + lam * sample_kl
+            self._metrics[mode]["cadet/kl_samples"].append(sample_kl.item())
+
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == targets).sum()
+            total = mask.sum()
+        num_valid = self.accelerator.gather_for_metrics(total).sum()
+        accuracy = self.accelerator.gather_for_metrics(correct).sum() / num_valid.clamp(min=1)
+        self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+        self._metrics[mode]["cadet/lm_loss"].append(
+            self.accelerator.gather_for_metrics(lm_loss.detach()).mean().item()
+        )
+        self._metrics[mode]["cadet/kl"].append(self.accelerator.gather_for_metrics(kl.detach()).mean().item())
+        self._metrics[mode]["cadet/lambda"].append(lam)
+        if mode == "train":
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel())
+            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens.to(logits.device)).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    def _samples_kl(self, model) -> torch.Tensor:
+        """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass)."""
+        samples = self._latest_samples
+        index = random.Random(self.state.global_step).sample(
+            range(len(samples)), min(self.args.per_device_train_batch_size, len(samples))
+        )
+        batch = collate_samples(
+            [samples.prompt_ids[i] for i in index],
+            [samples.completion_ids[i] for i in index],
+            self._tokenizer.pad_token_id,
+            self.accelerator.device,
+        )
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        mask = torch.zeros_like(batch["completion_mask"], dtype=torch.bool)
+        mask[:, :-1] = batch["completion_mask"][:, 1:].bool()
+        hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
+        with torch.no_grad():
+            nado_logits = self.nado(hidden, batch["attention_mask"])[mask]
+        return cadet_kl(outputs.logits[mask], nado_logits)
+
+    # Saving and resuming
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            if not _internal_call:
+                # The final model goes with the newest NADO model
+                self._finish_pending_phase(install=True)
+            self.nado.save_pretrained(os.path.join(output_dir, NADO_DIR))
+
+    def _save_checkpoint(self, model, trial):
+        # A background phase is finished (not installed) first, so the checkpoint holds both NADO models
+        self._finish_pending_phase(install=False)
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        torch.save(self.nado_optimizer.state_dict(), os.path.join(output_dir, NADO_OPTIMIZER_NAME))
+        pending = self._pending
+        if pending is not None:
+            self._nado_train.save_pretrained(os.path.join(output_dir, PENDING_NADO_DIR))
+        state = {
+            "cadet_lambda": self.cadet_lambda,
+            "current_round": self.current_round,
+            "nado_source_round": self.nado_source_round,
+            "oracle_calls": self.oracle_calls,
+            "latest_samples": self._latest_samples.to_dict(),
+            "pending": None
+            if pending is None
+            else {
+                "round": pending.round,
+                "samples": pending.samples.to_dict(),
+                "metrics": pending.metrics,
+                "satisfaction": pending.satisfaction,
+            },
+        }
+        with open(os.path.join(output_dir, CADET_STATE_NAME), "w") as f:
+            json.dump(state, f)
+
+    def _load_cadet_state(self, checkpoint: str) -> None:
+        state_file = os.path.join(checkpoint, CADET_STATE_NAME)
+        if not os.path.isfile(state_file):
+            raise ValueError(
+                f"{checkpoint} has no {CADET_STATE_NAME}: it was not written by CADETTrainer, or its save was cut "
+                "short. Resume from another checkpoint."
+            )
+        with open(state_file) as f:
+            state = json.load(f)
+        loaded = NADOModel.from_pretrained(os.path.join(checkpoint, NADO_DIR))
+        self.nado.load_state_dict(loaded.state_dict())
+        pending = state["pending"]
+        if pending is not None:
+            trained = NADOModel.from_pretrained(os.path.join(checkpoint, PENDING_NADO_DIR))
+            self._nado_train.load_state_dict(trained.state_dict())
+            self._pending = PhaseResult(
+                round=pending["round"],
+                samples=Samples(**pending["samples"]),
+                metrics=pending["metrics"],
+                satisfaction=pending["satisfaction"],
+            )
+        elif self._nado_train is not self.nado:
+            self._nado_train.load_state_dict(self.nado.state_dict())
+        optimizer_state = torch.load(os.path.join(checkpoint, NADO_OPTIMIZER_NAME), map_location=self._oracle_device)
+        self.nado_optimizer.load_state_dict(optimizer_state)
+        self.cadet_lambda = state["cadet_lambda"]
+        self.current_round = state["current_round"]
+        self.nado_source_round = state["nado_source_round"]
+        self.oracle_calls = state["oracle_calls"]
+        self._latest_samples = Samples(**state["latest_samples"])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
+        if resume_from_checkpoint:
+            self._load_cadet_state(resume_from_checkpoint)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if isinstance(self._pending, Future):
+                self._pending.result()  # never leave a thread writing into the NADO model behind

@@ -1,0 +1,361 @@
+"""One oracle phase of CADET: sample completions from a policy, label them with the oracles, train the NADO model.
+
+The functions here take a plain (unwrapped) policy model and never touch the trainer, so the sequential schedule can
+run them on the training model and the parallel schedule on a snapshot in a background thread.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TopPLogitsWarper
+from trl.data_utils import maybe_apply_chat_template
+
+from .modeling_nado import NADOModel
+from .nado import importance_weights, nado_loss, sequence_logprobs
+from .oracles.base import call_oracles
+
+
+@dataclass
+class Samples:
+    """Completions of one oracle phase, with their labels. Dropped samples are already removed."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    labels: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, list]:
+        return {k: getattr(self, k) for k in ("prompt_ids", "completion_ids", "scores", "labels")}
+
+    def extend(self, other: "Samples") -> None:
+        for key, values in other.to_dict().items():
+            getattr(self, key).extend(values)
+
+
+def render_prompt(prompt: Any, processing_class: PreTrainedTokenizerBase) -> str:
+    """A prompt as text: conversational prompts go through the chat template with a generation prompt."""
+    return maybe_apply_chat_template({"prompt": prompt}, processing_class)["prompt"]
+
+
+def tokenize_prompts(prompts: list[Any], processing_class: PreTrainedTokenizerBase) -> list[list[int]]:
+    # The chat template already holds the special tokens it needs, as in GRPOTrainer
+    texts = [render_prompt(p, processing_class) for p in prompts]
+    return processing_class(text=texts, add_special_tokens=False)["input_ids"]
+
+
+def pad_left(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def collate_samples(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, device
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `completion_mask` for prompt + completion sequences."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+    batch = {
+        "input_ids": torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(prompt_ids), width), dtype=torch.long),
+        "completion_mask": torch.zeros((len(prompt_ids), width), dtype=torch.long),
+    }
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        batch["input_ids"][i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        batch["attention_mask"][i, : len(p) + len(c)] = 1
+        batch["completion_mask"][i, len(p) : len(p) + len(c)] = 1
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def sample_completions(
+    policy: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    num_generations: int,
+    max_completion_length: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+) -> list[list[int]]:
+    """`num_generations` completions per prompt (grouped by prompt), each cut after its first EOS token.
+
+    Sampling runs under a forked RNG seeded with `seed`, so that a phase is reproducible (and a resumed run samples
+    what the uninterrupted run sampled) whatever the training loop drew from the global RNG before.
+    """
+    device = policy.device
+    eos_ids = policy.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids if eos_ids is not None else -1])
+    eos_ids.add(processing_class.eos_token_id)
+    pad_token_id = processing_class.pad_token_id
+    repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
+    completions: list[list[int]] = []
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
+        torch.manual_seed(seed)
+        for start in range(0, len(repeated), batch_size):
+            input_ids, attention_mask = pad_left(repeated[start : start + batch_size], pad_token_id, device)
+            output = policy.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=max_completion_length,
+                pad_token_id=pad_token_id,
+                eos_token_id=sorted(eos_ids),
+            )
+            for row in output[:, input_ids.shape[1] :].tolist():
+                cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+                completions.append(row[:cut])
+    return completions
+
+
+def label_samples(
+    oracles: list,
+    prompts: list[Any],
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    processing_class: PreTrainedTokenizerBase,
+    num_generations: int,
+    oracle_weights: list[float] | None,
+    labels: str,
+    threshold: float,
+    max_retries: int,
+) -> tuple[Samples, dict[str, float]]:
+    """Decode, score and label completions; returns the kept samples and the phase's oracle metrics."""
+    texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+    repeated_prompts = [p for p in prompts for _ in range(num_generations)]
+    # Conversational prompts get conversational completions, as TRL's reward functions expect
+    completions = [
+        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+        for prompt, text in zip(repeated_prompts, texts, strict=True)
+    ]
+    result = call_oracles(oracles, repeated_prompts, completions, weights=oracle_weights, max_retries=max_retries)
+    samples = Samples()
+    for i, score in enumerate(result.scores):
+        if score is None:
+            continue
+        samples.prompt_ids.append(prompt_ids[i // num_generations])
+        samples.completion_ids.append(completion_ids[i])
+        samples.scores.append(score)
+        samples.labels.append(float(score >= threshold) if labels == "hard" else score)
+    metrics = {"oracle/dropped": float(result.num_dropped)}
+    for name, scores in result.per_oracle.items():
+        kept = [s for s in scores if s is not None]
+        if kept:
+            metrics[f"oracle/{name}/mean"] = sum(kept) / len(kept)
+    return samples, metrics
+
+
+def _policy_forward(policy, nado: NADOModel, batch: dict[str, torch.Tensor]):
+    outputs = policy(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    hidden = outputs.hidden_states[nado.config.hidden_state_layer]
+    return outputs.logits, hidden
+
+
+def train_nado(
+    policy: PreTrainedModel,
+    nado: NADOModel,
+    optimizer: torch.optim.Optimizer,
+    samples: Samples,
+    pad_token_id: int,
+    epochs: int,
+    batch_size: int,
+    consistency_weight: float,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    importance_weighting: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train `nado` on labelled samples of `policy` (warm start: it keeps its weights and optimiser state).
+
+    With a sampling proposal other than the policy (`temperature != 1` or `top_p < 1`), each completion is weighted by
+    the self-normalised importance weight `p_θ(y|x) / p_sample(y|x)` over all the phase's samples.
+    """
+    device = next(nado.parameters()).device
+    policy_device = policy.device
+    n = len(samples)
+    weights = torch.ones(n)
+    if importance_weighting and (temperature != 1.0 or top_p < 1.0):
+        top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        policy_lp, proposal_lp = [], []
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                batch = collate_samples(
+                    samples.prompt_ids[start : start + batch_size],
+                    samples.completion_ids[start : start + batch_size],
+                    pad_token_id,
+                    policy_device,
+                )
+                logits = policy(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits.float()
+                proposal_logits = logits / temperature
+                if top_p_warper is not None:
+                    flat = proposal_logits.flatten(0, 1)
+                    proposal_logits = top_p_warper(None, flat).view_as(proposal_logits)
+                policy_lp.append(sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"]).cpu())
+                proposal_lp.append(
+                    sequence_logprobs(proposal_logits, batch["input_ids"], batch["completion_mask"]).cpu()
+                )
+        weights = importance_weights(torch.cat(policy_lp), torch.cat(proposal_lp))
+
+    labels = torch.tensor(samples.labels, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    totals = {"bce": 0.0, "consistency": 0.0, "accuracy": 0.0}
+    steps = 0
+    nado.train()
+    nado.requires_grad_(True)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            batch = collate_samples(
+                [samples.prompt_ids[i] for i in index],
+                [samples.completion_ids[i] for i in index],
+                pad_token_id,
+                policy_device,
+            )
+            with torch.no_grad():
+                lm_logits, hidden = _policy_forward(policy, nado, batch)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            nado_logits = nado(hidden.to(device), batch["attention_mask"])
+            loss, bce, consistency = nado_loss(
+                nado_logits,
+                lm_logits.to(device),
+                batch["input_ids"],
+                labels[index].to(device),
+                batch["completion_mask"],
+                consistency_weight=consistency_weight,
+                sample_weights=weights[index].to(device),
+                return_parts=True,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                # R predicted for the whole completion (at its last token) against the sequence label
+                rows = torch.arange(len(index), device=device)
+                positions = torch.arange(batch["input_ids"].shape[1], device=device)
+                last = (batch["completion_mask"] * positions).argmax(1)
+                r_last = nado_logits[rows, last - 1, batch["input_ids"][rows, last]]
+                correct = (r_last > 0) == (labels[index].to(device) >= 0.5)
+            totals["bce"] += bce.item()
+            totals["consistency"] += consistency.item()
+            totals["accuracy"] += correct.float().mean().item()
+            steps += 1
+    nado.requires_grad_(False)
+    nado.eval()
+    return {f"nado/{k}": v / max(steps, 1) for k, v in totals.items()}
+
+
+@dataclass
+class PhaseResult:
+    """What an oracle phase hands back to the trainer."""
+
+    round: int
+    samples: Samples
+    metrics: dict[str, float]
+    satisfaction: float | None
+
+
+def run_oracle_phase(
+    policy: PreTrainedModel,
+    nado: NADOModel,
+    optimizer: torch.optim.Optimizer,
+    processing_class: PreTrainedTokenizerBase,
+    oracles: list,
+    prompts: list[Any],
+    prompt_ids: list[list[int]],
+    args,
+    round_index: int,
+    gather=None,
+) -> PhaseResult:
+    """Sample from `policy`, label with `oracles`, and train `nado` in place. `args` is a `CADETConfig`.
+
+    `gather`, when given, merges the samples of all processes (each process samples its share of the prompts) so
+    that every process trains the NADO model on the same data and the copies stay identical.
+    """
+    start = time.perf_counter()
+    was_training = policy.training
+    policy.eval()
+    seed = args.seed + 1000 * round_index
+    try:
+        completion_ids = sample_completions(
+            policy,
+            processing_class,
+            prompt_ids,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.generation_batch_size,
+            seed=seed,
+        )
+        generated = time.perf_counter()
+        samples, metrics = label_samples(
+            oracles,
+            prompts,
+            prompt_ids,
+            completion_ids,
+            processing_class,
+            num_generations=args.num_generations,
+            oracle_weights=args.oracle_weights,
+            labels=args.oracle_labels,
+            threshold=args.oracle_threshold,
+            max_retries=args.oracle_max_retries,
+        )
+        if gather is not None:
+            samples, metrics = gather(samples, metrics)
+        labelled = time.perf_counter()
+        satisfaction = None
+        if len(samples):
+            satisfaction = sum(s >= args.oracle_threshold for s in samples.scores) / len(samples)
+            metrics["oracle/satisfaction"] = satisfaction
+            metrics["oracle/mean_score"] = sum(samples.scores) / len(samples)
+            metrics.update(
+                train_nado(
+                    policy,
+                    nado,
+                    optimizer,
+                    samples,
+                    pad_token_id=processing_class.pad_token_id,
+                    epochs=args.nado_epochs,
+                    batch_size=args.nado_batch_size,
+                    consistency_weight=args.nado_consistency_weight,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    importance_weighting=args.nado_importance_weighting,
+                    seed=seed,
+                )
+            )
+    finally:
+        policy.train(was_training)
+    end = time.perf_counter()
+    num_completions = len(completion_ids)
+    metrics.update(
+        {
+            "oracle/samples_per_second": num_completions / max(labelled - start, 1e-9),
+            "time/generation": generated - start,
+            "time/labelling": labelled - generated,
+            "time/nado_training": end - labelled,
+            "time/oracle_phase": end - start,
+        }
+    )
+    return PhaseResult(round=round_index, samples=samples, metrics=metrics, satisfaction=satisfaction)
