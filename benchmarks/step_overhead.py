@@ -1,0 +1,225 @@
+"""Cost of a CADET fine-tuning step against a plain SFT step, side by side on the same model and batch.
+
+Both trainers get the same model weights, corpus batch and optimiser; the CADET step has the regulariser on (λ = 1,
+a NADO head with non-zero weights) and no oracle phase inside the timed steps. It also splits the CADET step into
+its parts (forward, NADO head, KL, backward) to show where the overhead goes, and measures the peak memory of each
+arm in a fresh process.
+
+    python benchmarks/step_overhead.py                      # tiny Llama + SmolLM2-135M (offline), table on stdout
+    python benchmarks/step_overhead.py --models tiny --steps 5 --json out.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+
+def build(model_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_name == "tiny":
+        from conftest import build_llama, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        return build_llama(tokenizer), tokenizer
+    from trl_cadet.demo import smollm2_path
+
+    path = smollm2_path()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def corpus(n: int = 64):
+    from datasets import Dataset
+
+    reply = "thank you for asking, the weather is lovely today and I hope you have a good time with your friends"
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"hello there number {i}"},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+            for i in range(n)
+        ]
+    )
+
+
+def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str):
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_cadet import CADETConfig, CADETTrainer
+
+    common = dict(
+        output_dir=output_dir,
+        use_cpu=not _cuda(),
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        per_device_train_batch_size=batch_size,
+        max_steps=1000,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=128,
+    )
+    if kind == "sft":
+        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=corpus(), processing_class=tokenizer)
+    trainer = CADETTrainer(
+        model=model,
+        oracle_funcs=lambda prompts, completions, **kw: [1.0] * len(completions),
+        args=CADETConfig(**common, cadet_lambda=1.0, steps_per_round=10**9),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    import torch
+
+    with torch.no_grad():
+        trainer.nado.head.weight.normal_(std=0.02)  # a trained-looking NADO, so the KL is not trivially zero
+    trainer.current_round, trainer.nado_source_round = 0, 0  # no oracle phase inside the timed steps
+    return trainer
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def time_steps(trainer, steps: int, warmup: int = 2) -> list[float]:
+    import torch
+
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps + warmup)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._prepare_inputs(batch)
+    times = []
+    for i in range(steps + warmup):
+        if _cuda():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        if _cuda():
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def breakdown(trainer, steps: int) -> dict[str, float]:
+    """Where a CADET step's time goes: the same computation as `compute_loss`, timed part by part."""
+    import torch
+    import torch.nn.functional as F
+
+    from trl_cadet.nado import cadet_kl, regularized_mask
+
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    parts = {"forward": [], "nado_head": [], "kl": [], "backward": []}
+    model = trainer.model
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True)
+        mask = regularized_mask(batch["labels"])
+        logits = outputs.logits[mask]
+        lm_loss = F.cross_entropy(logits.float(), batch["labels"][:, 1:][mask[:, :-1]])
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            nado_logits = trainer.nado(outputs.hidden_states[-1].detach()[mask])
+        t2 = time.perf_counter()
+        kl = cadet_kl(logits, nado_logits)
+        t3 = time.perf_counter()
+        (lm_loss + kl).backward()
+        model.zero_grad()
+        t4 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[key].append(value)
+    return {key: statistics.median(values[1:]) for key, values in parts.items()}
+
+
+def peak_memory(model_name: str, kind: str, batch_size: int, steps: int) -> float:
+    """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
+    code = (
+        "import resource, sys, tempfile; sys.argv = ['x']; "
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+        "import step_overhead as b; "
+        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp()); "
+        f"b.time_steps(tr, {steps}, warmup=0); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,smollm2", help="Comma list of 'tiny' and 'smollm2'.")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per arm.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory subprocesses.")
+    parser.add_argument("--json", default=None, help="Also write the results here.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for model_name in args.models.split(","):
+        row = {"model": model_name, "batch_size": args.batch_size, "steps": args.steps}
+        for kind in ("sft", "cadet"):
+            model, tokenizer = build(model_name)
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = make_trainer(kind, model, tokenizer, args.batch_size, tmp)
+                row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
+                if kind == "cadet":
+                    row["cadet_parts_s"] = breakdown(trainer, max(3, args.steps // 2))
+            if not args.no_memory:
+                row[f"{kind}_peak_mib"] = peak_memory(model_name, kind, args.batch_size, 2)
+        row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
+        results.append(row)
+
+    device = torch.cuda.get_device_name(0) if _cuda() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nStep time, CADET (λ=1, regulariser on) vs SFT, same batch ({device})\n")
+    header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
+    lines = [header]
+    for r in results:
+        lines.append(
+            [
+                r["model"],
+                str(r["batch_size"]),
+                f"{r['sft_step_s']:.3f}",
+                f"{r['cadet_step_s']:.3f}",
+                f"{r['step_ratio']:.2f}x",
+                f"{r.get('sft_peak_mib', float('nan')):.0f}",
+                f"{r.get('cadet_peak_mib', float('nan')):.0f}",
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+    print("\nCADET step by part (median seconds)\n")
+    for r in results:
+        parts = r["cadet_parts_s"]
+        total = sum(parts.values())
+        print(f"{r['model']}: " + ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in parts.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

