@@ -323,3 +323,15 @@ def test_binary_cross_entropy_matches_torch_on_single_tokens():
     loss = nado_loss(nado_logits, torch.randn(4, 2, 5), input_ids, labels, completion_mask)
     selected = nado_logits[torch.arange(4), 0, input_ids[:, 1]]
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(selected, labels))
+
+
+def test_cadet_kl_with_precomputed_logprobs_matches():
+    torch.manual_seed(0)
+    lm_logits = torch.randn(2, 3, 13, requires_grad=True)
+    nado_logits = torch.randn(2, 3, 13)
+    direct = cadet_kl(lm_logits, nado_logits)
+    (grad_direct,) = torch.autograd.grad(direct, lm_logits)
+    shared = cadet_kl(lm_logits, nado_logits, lm_logprobs=torch.log_softmax(lm_logits, -1))
+    (grad_shared,) = torch.autograd.grad(shared, lm_logits)
+    torch.testing.assert_close(shared, direct)
+    torch.testing.assert_close(grad_shared, grad_direct)

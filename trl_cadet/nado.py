@@ -39,6 +39,7 @@ def cadet_kl(
     nado_logits: torch.Tensor,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    lm_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
 
@@ -53,13 +54,16 @@ def cadet_kl(
             `reduction="mean"`, the mean is over masked contexts only.
         reduction (`str`, *optional*, defaults to `"mean"`): `"mean"` or `"none"` (per-context KL, shape `[...]`,
             masked contexts set to 0).
+        lm_logprobs (`torch.Tensor` of shape `[..., V]`, *optional*): `log_softmax(lm_logits)` in float32, when the
+            caller already has it (the trainer computes it once for the LM loss and the regulariser).
 
     Returns:
         `torch.Tensor`: a scalar, or the per-context KL with `reduction="none"`.
     """
-    log_p = torch.log_softmax(lm_logits.float(), dim=-1)
-    # q is a fixed target: built from detached inputs, so no graph is recorded for it
-    log_q = target_logprobs(lm_logits.detach(), nado_logits.detach())
+    log_p = torch.log_softmax(lm_logits.float(), dim=-1) if lm_logprobs is None else lm_logprobs
+    # q is a fixed target: built from detached inputs, so no graph is recorded for it. log_softmax(z + a) equals
+    # log_softmax(log_softmax(z) + a), so log p serves as the logits.
+    log_q = target_logprobs(log_p.detach(), nado_logits.detach())
     q = log_q.exp()
     # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
     per_context = (q * (log_q - log_p)).nan_to_num(nan=0.0, posinf=0.0).sum(dim=-1)
