@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# OpenMP threads that spin while waiting collapse (10x slower) when another process shares the cores
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test lint format clean
 
