@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 
+import torch
 from trl import SFTConfig
 
 
@@ -24,15 +25,18 @@ class CADETConfig(SFTConfig):
             Satisfaction threshold for hard labels. Oracles return a satisfaction score in `[0, 1]` (1 = constraint
             satisfied; for a toxicity classifier, `1 - toxicity`).
         oracle_weights (`list[float]`, *optional*):
-            Weights of the oracles when several are given; their scores are combined by a weighted mean. Defaults to
-            equal weights.
+            Weights of the oracles when several are given (non-negative, with a positive sum); their scores are
+            combined by a weighted mean. Defaults to equal weights.
         oracle_max_retries (`int`, *optional*, defaults to `2`):
-            How many times an oracle that raises is called again before the samples of that batch are dropped.
+            How many times an oracle that raises is called again before the samples of that batch are dropped and
+            counted in `oracle/dropped`. An oracle that fails every attempt of the first oracle phase, having never
+            returned scores, stops training with its error instead.
 
         > Parameters that control sampling in the oracle phase
 
         prompts_per_round (`int`, *optional*, defaults to `32`):
-            Prompts drawn per round (across all processes) for the oracle phase.
+            Prompts drawn per round (across all processes) for the oracle phase. With several processes, rounded up to
+            a multiple of their number so that each samples as many prompts.
         num_generations (`int`, *optional*, defaults to `4`):
             Completions sampled per prompt.
         max_prompt_length (`int` or `None`, *optional*, defaults to `256`):
@@ -288,6 +292,18 @@ class CADETConfig(SFTConfig):
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.oracle_max_retries < 0:
             raise ValueError(f"`oracle_max_retries` must be non-negative, got {self.oracle_max_retries}.")
+        if self.oracle_weights is not None and (
+            any(w < 0 for w in self.oracle_weights) or not sum(self.oracle_weights) > 0
+        ):
+            raise ValueError(
+                f"`oracle_weights` must be non-negative with a positive sum (the combined score is their weighted "
+                f"mean, which must stay in [0, 1]), got {self.oracle_weights}."
+            )
+        if self.lambda_schedule == "adaptive" and self.lambda_lr == 0:
+            raise ValueError(
+                "`lambda_schedule='adaptive'` with `lambda_lr=0` never changes λ. Set a positive `lambda_lr`, or use "
+                "`lambda_schedule='constant'`."
+            )
         if self.use_liger_kernel:
             raise ValueError(
                 "CADET needs the LM's full logits to compute its regulariser, which the Liger kernel does not build. "
@@ -303,3 +319,10 @@ class CADETConfig(SFTConfig):
                 "`oracle_device` is used by the parallel schedule only. Set `round_schedule='parallel'` or leave "
                 "`oracle_device` unset."
             )
+        if self.oracle_device is not None:
+            try:
+                torch.device(self.oracle_device)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"`oracle_device={self.oracle_device!r}` is not a device name ({error}). Use e.g. 'cuda:1' or 'cpu'."
+                ) from error

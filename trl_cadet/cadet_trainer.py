@@ -3,6 +3,8 @@ import json
 import logging
 import os
 import random
+import re
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -11,15 +13,26 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from transformers import PreTrainedModel, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
+from trl.data_utils import maybe_convert_to_chatml
 from trl.models import unwrap_model_for_generation
 
 from .cadet_config import CADETConfig
-from .modeling_nado import NADOModel
+from .modeling_nado import NADOConfig, NADOModel
 from .nado import cadet_kl, regularized_mask
-from .oracle_phase import PhaseResult, Samples, collate_samples, run_oracle_phase, tokenize_prompts
+from .oracle_phase import (
+    Labelling,
+    PhaseResult,
+    Samples,
+    collate_samples,
+    run_oracle_phase,
+    snapshot_policy,
+    tokenize_prompts,
+)
 from .oracles.registry import load_oracle
 
 
@@ -29,6 +42,9 @@ NADO_DIR = "nado"
 PENDING_NADO_DIR = "nado_pending"
 NADO_OPTIMIZER_NAME = "nado_optimizer.pt"
 CADET_STATE_NAME = "cadet_state.json"
+# Checkpoints are written here, then renamed to `checkpoint-N` once complete; the name does not match `checkpoint-*`,
+# so neither `get_last_checkpoint` nor `rotate_checkpoints` ever sees a half-written checkpoint
+STAGING_DIR = ".checkpoint-in-progress"
 
 CITATION = """\
 @inproceedings{meng2024attribute,
@@ -40,34 +56,131 @@ CITATION = """\
 }"""
 
 
-def extract_prompts(dataset: Dataset | IterableDataset, processing_class, corpus_prompt_length: int) -> list[Any]:
+def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    return dataset.column_names or list(next(iter(dataset)).keys())
+
+
+def prompt_column(dataset: Dataset | IterableDataset, text_field: str = "text", name: str = "dataset") -> str:
+    """The column the oracle phase takes its prompts from, or a `ValueError` saying what to change."""
+    columns = _column_names(dataset)
+    for column in ("prompt", "messages", "conversations", text_field, "input_ids"):
+        if column in columns:
+            return column
+    raise ValueError(
+        f"Cannot find prompts for the oracle phase in the {name}, whose columns are {columns}. Give it a 'prompt' "
+        f"column (standard or conversational), a conversational 'messages' column or a text column named "
+        f"{text_field!r} (`dataset_text_field`), or pass `prompt_dataset=` with a 'prompt' column."
+    )
+
+
+def check_corpus_columns(dataset: Dataset | IterableDataset, text_field: str = "text") -> None:
+    """Raise, before `SFTTrainer` tokenizes anything, when no column of the corpus is one it can train on."""
+    columns = _column_names(dataset)
+    if {"messages", "conversations", text_field, "input_ids"} & set(columns):
+        return
+    if "prompt" in columns and "completion" in columns:
+        return
+    if "prompt" in columns:
+        raise ValueError(
+            f"The train_dataset has a 'prompt' column but no 'completion' column (columns: {columns}), so there is "
+            "nothing to fine-tune on. Pass the corpus as `train_dataset` (text, 'messages', or 'prompt' and "
+            "'completion' columns) and a prompt-only dataset as `prompt_dataset=`."
+        )
+    raise ValueError(
+        f"The train_dataset has columns {columns}, none of which SFTTrainer can train on. Name the text column "
+        f"{text_field!r} or set `dataset_text_field` to its name, use a conversational 'messages' column or "
+        "'prompt' and 'completion' columns, or pass a `formatting_func`."
+    )
+
+
+def extract_prompts(
+    dataset: Dataset | IterableDataset, processing_class, corpus_prompt_length: int, text_field: str = "text"
+) -> list[Any]:
     """Prompts for the oracle phase, from a prompt dataset or from the corpus itself.
 
-    A `prompt` column is used as is (standard or conversational). A conversational `messages` column gives the
-    conversation up to its last assistant turn. A plain `text` column gives its first `corpus_prompt_length` tokens.
+    A `prompt` column is used as is (standard or conversational). A conversational `messages` (or ShareGPT-style
+    `conversations`) column gives the conversation up to its last assistant turn. A text column (`text_field`) or a
+    tokenized `input_ids` column gives its first `corpus_prompt_length` tokens.
     """
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    column = prompt_column(dataset, text_field)
     prompts: list[Any] = []
-    if "prompt" in columns:
-        prompts = [example["prompt"] for example in dataset]
-    elif "messages" in columns:
-        for example in dataset:
-            messages = example["messages"]
+    for example in dataset:
+        if column == "prompt":
+            prompts.append(example["prompt"])
+        elif column in ("messages", "conversations"):
+            messages = maybe_convert_to_chatml(example)["messages"] if column == "conversations" else example[column]
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last:
                 prompts.append(messages[:last])
-    elif "text" in columns:
-        for example in dataset:
-            ids = processing_class(text=example["text"], add_special_tokens=False)["input_ids"][:corpus_prompt_length]
+        else:
+            ids = example["input_ids"] if column == "input_ids" else None
+            if ids is None:
+                ids = processing_class(text=example[column], add_special_tokens=False)["input_ids"]
+            ids = ids[:corpus_prompt_length]
             if ids:
-                prompts.append(processing_class.decode(ids))
-    else:
-        raise ValueError(
-            f"Cannot find prompts for the oracle phase in a dataset with columns {columns}. Give the dataset a "
-            "'prompt' column (standard or conversational), a conversational 'messages' column or a 'text' column, "
-            "or pass `prompt_dataset=` with a 'prompt' column."
-        )
+                prompts.append(processing_class.decode(ids, skip_special_tokens=column == "input_ids"))
     return [p for p in prompts if p]
+
+
+def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase | None:
+    if processing_class is None or isinstance(processing_class, PreTrainedTokenizerBase):
+        return processing_class
+    return getattr(processing_class, "tokenizer", None)
+
+
+def _lm_dimensions(lm: PreTrainedModel) -> tuple[int, int]:
+    """(logits dimension, hidden size) of an LM, read without materialising any weight."""
+    text_config = lm.config.get_text_config()
+    vocab_size = text_config.vocab_size
+    head = lm.get_output_embeddings()
+    if head is not None:
+        # DeepSpeed ZeRO-3 partitions weights into empty tensors and keeps the full shape in `ds_shape`
+        vocab_size = getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    return vocab_size, text_config.hidden_size
+
+
+def _check_nado_fits(nado_config: NADOConfig, lm: PreTrainedModel) -> None:
+    vocab_size, hidden_size = _lm_dimensions(lm)
+    if (nado_config.vocab_size, nado_config.hidden_size) != (vocab_size, hidden_size):
+        raise ValueError(
+            f"The NADO model scores {nado_config.vocab_size} tokens from {nado_config.hidden_size}-wide states, but "
+            f"the LM has {vocab_size} logits and {hidden_size}-wide states. Use a NADO model trained for this LM, or "
+            "leave `nado_model`/`nado_model_name_or_path` unset to start from a new one."
+        )
+
+
+def _publish(staged: str, final: str) -> None:
+    """Move a complete checkpoint to its place in one rename; a stale one of the same step is moved aside first."""
+    replaced = f"{staged}.replaced"
+    if os.path.exists(final):
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staged, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(staged))
+    except OSError:
+        pass  # not empty: the leftovers of an earlier save
+
+
+def _checkpoint_step(name: str) -> int | None:
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest `checkpoint-N` in `folder` that holds the CADET state, skipping (with a warning) any that does not."""
+    if not os.path.isdir(folder):
+        return None
+    candidates = sorted((step, name) for name in os.listdir(folder) if (step := _checkpoint_step(name)) is not None)
+    for _, name in reversed(candidates):
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, CADET_STATE_NAME)) and os.path.isfile(
+            os.path.join(path, "trainer_state.json")
+        ):
+            return path
+        logger.warning("Skipping %s: it has no %s or trainer_state.json, so it is incomplete.", path, CADET_STATE_NAME)
+    return None
 
 
 class _RoundTimer(TrainerCallback):
@@ -165,11 +278,53 @@ class CADETTrainer(SFTTrainer):
                 f"`args` must be a `CADETConfig`, got `{type(args).__name__}`. Build one with the same arguments: "
                 "`CADETConfig(**sft_config.to_dict())`."
             )
+        # Everything that can be checked before SFTTrainer loads the model and tokenizes the corpus is checked here
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: CADET fine-tunes on a corpus, like `SFTTrainer`.")
         for name, dataset in (("train_dataset", train_dataset), ("prompt_dataset", prompt_dataset)):
             if isinstance(dataset, Dataset) and len(dataset) == 0:
                 raise ValueError(f"`{name}` is empty. Pass a dataset with at least one example.")
+        if formatting_func is None and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+            check_corpus_columns(train_dataset, args.dataset_text_field)
+        prompt_source, prompt_source_name = (
+            (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (train_dataset, "train_dataset")
+        )
+        prompt_column(prompt_source, args.dataset_text_field, prompt_source_name)
+        tokenizer = _tokenizer_of(processing_class)
+        if tokenizer is not None:
+            self._check_pad_token(tokenizer, args)
+            prompts, prompt_ids = self._prepare_prompts(prompt_source, prompt_source_name, tokenizer, args)
+
+        if oracle_funcs is None:
+            oracle_funcs = ["detoxify"]
+        elif not isinstance(oracle_funcs, list | tuple):
+            oracle_funcs = [oracle_funcs]
+        if not oracle_funcs:
+            raise ValueError("`oracle_funcs` is empty. Pass at least one oracle, e.g. `oracle_funcs='detoxify'`.")
+        if args.oracle_weights is not None and len(args.oracle_weights) != len(oracle_funcs):
+            raise ValueError(
+                f"`oracle_weights` has {len(args.oracle_weights)} values for {len(oracle_funcs)} oracles. Give one "
+                "weight per oracle, or leave it unset for equal weights."
+            )
+        oracle_funcs = [load_oracle(oracle) for oracle in oracle_funcs]
+
+        if nado_model is None and args.nado_model_name_or_path is not None:
+            path = args.nado_model_name_or_path
+            if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
+                raise ValueError(
+                    f"`nado_model_name_or_path={path!r}` is not a folder. Pass the `nado/` folder of a CADET run or "
+                    "checkpoint, or leave it unset to start from a new NADO model."
+                )
+            try:
+                nado_model = NADOModel.from_pretrained(args.nado_model_name_or_path)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"Could not load a NADO model from `nado_model_name_or_path={args.nado_model_name_or_path!r}` "
+                    f"({type(error).__name__}: {error}). Pass the `nado/` folder of a CADET run or checkpoint, or "
+                    "leave it unset to start from a new NADO model."
+                ) from error
+        if nado_model is not None and isinstance(model, PreTrainedModel):
+            _check_nado_fits(nado_model.config, model)
 
         super().__init__(
             model,
@@ -187,46 +342,23 @@ class CADETTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
-        tokenizer = self._tokenizer
+        self.oracle_funcs = oracle_funcs
+        if tokenizer is None:  # loaded by SFTTrainer from the model's path
+            tokenizer = self._tokenizer
+            self._check_pad_token(tokenizer, args)
+            prompts, prompt_ids = self._prepare_prompts(prompt_source, prompt_source_name, tokenizer, args)
         if tokenizer.pad_token_id is None:
-            raise ValueError(
-                "The tokenizer has no pad token, which batched sampling needs. Set one before building the trainer, "
-                "e.g. `tokenizer.pad_token = tokenizer.eos_token`."
-            )
+            # SFTTrainer sets the pad token only when it builds the data collator; sampling needs one in any case
+            tokenizer.pad_token = args.pad_token or tokenizer.eos_token
+            logger.info("The tokenizer has no pad token; CADET pads sampled batches with %r.", tokenizer.pad_token)
+        self.prompts, self.prompt_ids = prompts, prompt_ids
 
-        # Oracles
-        if oracle_funcs is None:
-            oracle_funcs = ["detoxify"]
-        elif not isinstance(oracle_funcs, list | tuple):
-            oracle_funcs = [oracle_funcs]
-        if not oracle_funcs:
-            raise ValueError("`oracle_funcs` is empty. Pass at least one oracle, e.g. `oracle_funcs='detoxify'`.")
-        self.oracle_funcs = [load_oracle(oracle) for oracle in oracle_funcs]
-        if args.oracle_weights is not None and len(args.oracle_weights) != len(self.oracle_funcs):
+        sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
+        if args.round_schedule == "parallel" and sharded:
             raise ValueError(
-                f"`oracle_weights` has {len(args.oracle_weights)} values for {len(self.oracle_funcs)} oracles. Give one "
-                "weight per oracle, or leave it unset for equal weights."
+                "The parallel schedule samples from a full copy of the policy, which cannot be taken from weights "
+                "sharded by FSDP or DeepSpeed ZeRO-3. Use `round_schedule='sequential'`, or DeepSpeed ZeRO-1/2."
             )
-
-        # Prompts of the oracle phase, checked now rather than after hours of training
-        source = prompt_dataset if prompt_dataset is not None else train_dataset
-        self.prompts = extract_prompts(source, tokenizer, args.corpus_prompt_length)
-        if not self.prompts:
-            raise ValueError(
-                "No prompt for the oracle phase could be taken from the "
-                f"{'prompt_dataset' if prompt_dataset is not None else 'train_dataset'}. Pass `prompt_dataset=` with "
-                "a non-empty 'prompt' column."
-            )
-        self.prompt_ids = tokenize_prompts(self.prompts, tokenizer)
-        if args.max_prompt_length is not None:
-            too_long = [i for i, ids in enumerate(self.prompt_ids) if len(ids) > args.max_prompt_length]
-            if too_long:
-                longest = max(len(self.prompt_ids[i]) for i in too_long)
-                raise ValueError(
-                    f"{len(too_long)} of {len(self.prompt_ids)} oracle-phase prompts are longer than "
-                    f"`max_prompt_length={args.max_prompt_length}` tokens (the longest has {longest}, e.g. prompt "
-                    f"#{too_long[0]}). Raise `max_prompt_length`, or shorten or filter those prompts."
-                )
         if args.round_schedule == "parallel" and self.accelerator.num_processes > 1:
             raise ValueError(
                 "The parallel schedule runs the oracle phase in a background thread, which cannot take part in the "
@@ -237,22 +369,27 @@ class CADETTrainer(SFTTrainer):
         # NADO model: the one the regulariser reads, and (parallel schedule) a second one trained in the background
         lm = self.accelerator.unwrap_model(self.model)
         lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        if nado_model is None and args.nado_model_name_or_path is not None:
-            nado_model = NADOModel.from_pretrained(args.nado_model_name_or_path)
+        vocab_size, hidden_size = _lm_dimensions(lm)
         if nado_model is None:
-            nado_model = NADOModel.from_lm(
-                lm, num_layers=args.nado_num_layers, hidden_state_layer=args.nado_hidden_state_layer
+            nado_model = NADOModel(
+                NADOConfig(
+                    hidden_size=hidden_size,
+                    vocab_size=vocab_size,
+                    num_layers=args.nado_num_layers,
+                    hidden_state_layer=args.nado_hidden_state_layer,
+                    base_model_name_or_path=getattr(lm.config, "_name_or_path", None),
+                )
             )
-        expected = NADOModel.from_lm(lm).config
-        if (nado_model.config.vocab_size, nado_model.config.hidden_size) != (
-            expected.vocab_size,
-            expected.hidden_size,
-        ):
-            raise ValueError(
-                f"The NADO model scores {nado_model.config.vocab_size} tokens from {nado_model.config.hidden_size}-wide "
-                f"states, but the LM has {expected.vocab_size} logits and {expected.hidden_size}-wide states. Use a "
-                "NADO model trained for this LM, or leave `nado_model`/`nado_model_name_or_path` unset to start from "
-                "a new one."
+        _check_nado_fits(nado_model.config, lm)
+        max_positions = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(len(ids) for ids in self.prompt_ids) + args.max_completion_length
+        if max_positions is not None and longest > max_positions:
+            logger.warning(
+                "The longest oracle-phase prompt plus `max_completion_length=%d` is %d tokens, more than the model's "
+                "`max_position_embeddings=%d`. Lower `max_prompt_length` or `max_completion_length`.",
+                args.max_completion_length,
+                longest,
+                max_positions,
             )
         self.nado = nado_model.to(device=self.accelerator.device, dtype=torch.float32).eval()
         self.nado.requires_grad_(False)
@@ -281,6 +418,40 @@ class CADETTrainer(SFTTrainer):
         self._round_blocking = 0.0
         self.add_callback(_RoundTimer(self))
 
+    @staticmethod
+    def _check_pad_token(tokenizer: PreTrainedTokenizerBase, args: CADETConfig) -> None:
+        if args.pad_token is None and tokenizer.pad_token is None and tokenizer.eos_token is None:
+            raise ValueError(
+                "The tokenizer has neither a pad token nor an EOS token, and CADET pads batches of prompts to sample "
+                "them. Set `pad_token` in `CADETConfig` to a token of the vocabulary, or `tokenizer.pad_token` before "
+                "building the trainer."
+            )
+
+    @staticmethod
+    def _prepare_prompts(dataset, name: str, tokenizer, args: CADETConfig) -> tuple[list[Any], list[list[int]]]:
+        """The oracle phase's prompts and their token ids, checked now rather than after hours of training."""
+        column = prompt_column(dataset, args.dataset_text_field, name)
+        prompts = extract_prompts(dataset, tokenizer, args.corpus_prompt_length, args.dataset_text_field)
+        if not prompts:
+            why = "every prompt is empty"
+            if column in ("messages", "conversations"):
+                why = "no conversation has an assistant turn to cut before"
+            raise ValueError(
+                f"No prompt for the oracle phase could be taken from the {name}'s {column!r} column: {why}. Pass "
+                "`prompt_dataset=` with a non-empty 'prompt' column."
+            )
+        prompt_ids = tokenize_prompts(prompts, tokenizer)
+        if args.max_prompt_length is not None:
+            too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_length]
+            if too_long:
+                longest = max(len(prompt_ids[i]) for i in too_long)
+                raise ValueError(
+                    f"{len(too_long)} of {len(prompt_ids)} oracle-phase prompts are longer than "
+                    f"`max_prompt_length={args.max_prompt_length}` tokens (the longest has {longest}, e.g. prompt "
+                    f"#{too_long[0]}). Raise `max_prompt_length`, or shorten or filter those prompts."
+                )
+        return prompts, prompt_ids
+
     # Rounds
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -294,25 +465,25 @@ class CADETTrainer(SFTTrainer):
         rng = random.Random(self.args.seed * 1_000_003 + round_index)
         count = min(self.args.prompts_per_round, len(self.prompts))
         chosen = rng.sample(range(len(self.prompts)), count)
-        mine = chosen[self.accelerator.process_index :: self.accelerator.num_processes]
+        # Every process gets as many prompts (a few drawn twice when they do not divide evenly): the forward passes of
+        # a sharded model are collective, so all processes must sample the same number of batches
+        processes = self.accelerator.num_processes
+        chosen += [rng.randrange(len(self.prompts)) for _ in range(-count % processes)]
+        mine = chosen[self.accelerator.process_index :: processes]
         return [self.prompts[i] for i in mine], [self.prompt_ids[i] for i in mine]
 
-    def _gather(self, samples: Samples, metrics: dict[str, float]):
+    def _gather(self, labelling: Labelling) -> Labelling:
+        """Every process's samples and oracle reports, in process order, so that all train the same NADO model."""
         if self.accelerator.num_processes == 1:
-            return samples, metrics
-        merged = Samples()
-        for part in gather_object([samples.to_dict()]):
-            merged.extend(Samples(**part))
-        dropped = sum(gather_object([metrics.get("oracle/dropped", 0.0)]))
-        per_oracle = {}
-        for key in [k for k in metrics if k.endswith("/mean")]:
-            values = gather_object([metrics[key]])
-            per_oracle[key] = sum(values) / len(values)
-        return merged, {**metrics, **per_oracle, "oracle/dropped": dropped}
+            return labelling
+        merged = Labelling()
+        for part in gather_object([labelling]):
+            merged.merge(part)
+        return merged
 
     def _oracle_phase(self, policy, round_index: int, gather) -> PhaseResult:
         prompts, prompt_ids = self._round_prompts(round_index)
-        return run_oracle_phase(
+        result = run_oracle_phase(
             policy,
             self._nado_train,
             self.nado_optimizer,
@@ -324,6 +495,13 @@ class CADETTrainer(SFTTrainer):
             round_index,
             gather=gather,
         )
+        if gather is not None and self.accelerator.num_processes > 1:
+            # Each process trained its copy on the same samples; make the copies bitwise identical whatever the
+            # kernels' non-determinism (one LM-head-sized broadcast per round)
+            with torch.no_grad():
+                for tensor in self._nado_train.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+        return result
 
     def _begin_round(self, round_index: int) -> None:
         now = time.perf_counter()
@@ -353,24 +531,9 @@ class CADETTrainer(SFTTrainer):
 
     def _snapshot_policy(self) -> PreTrainedModel:
         """A frozen copy of the current policy on the oracle device, refreshed in place after the first round."""
-        policy = self.accelerator.unwrap_model(self.model)
-        if self._snapshot is None:
-            try:
-                self._snapshot = copy.deepcopy(policy).to(self._oracle_device)
-            except Exception as error:
-                raise RuntimeError(
-                    f"Could not copy the policy for the parallel schedule ({type(error).__name__}: {error}). Use "
-                    "`round_schedule='sequential'`."
-                ) from error
-            self._snapshot.requires_grad_(False)
-        else:
-            # Only trainable parameters change during training; frozen (e.g. quantised base) weights are shared state
-            live = dict(policy.named_parameters())
-            with torch.no_grad():
-                for name, param in self._snapshot.named_parameters():
-                    if live[name].requires_grad:
-                        param.copy_(live[name].detach())
-        self._snapshot.eval()
+        self._snapshot = snapshot_policy(
+            self.accelerator.unwrap_model(self.model), self._oracle_device, self._snapshot
+        )
         return self._snapshot
 
     def _finish_pending_phase(self, install: bool) -> None:
@@ -385,6 +548,16 @@ class CADETTrainer(SFTTrainer):
         """Make the NADO trained by `result`'s phase the one the regulariser uses, and update λ."""
         if self._nado_train is not self.nado:
             self.nado.load_state_dict(self._nado_train.state_dict())
+        if result.satisfaction is None and result.metrics.get("oracle/failures", 0) and self.nado_source_round is None:
+            # Retrying and dropping is for a judge that fails now and then; one that has never answered is broken
+            raise RuntimeError(
+                f"The oracles raised on every attempt in the first oracle phase (round {result.round}), so no sample "
+                f"could be labelled: {'; '.join(dict.fromkeys(result.errors)) or 'see the warnings above'}. An oracle "
+                "that has never returned scores is broken or unreachable rather than failing transiently, so training "
+                "stops here instead of running without a constraint. Fix the oracle (call it on a few completions to "
+                "check it) or make the judge reachable; failures later in training are retried "
+                "(`oracle_max_retries`), then their samples are dropped and counted in `oracle/dropped`."
+            )
         self.nado_source_round = result.round
         self.oracle_calls += len(result.samples) + int(result.metrics.get("oracle/dropped", 0))
         self._latest_samples = result.samples
@@ -473,7 +646,9 @@ class CADETTrainer(SFTTrainer):
     def _samples_kl(self, model) -> torch.Tensor:
         """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass)."""
         samples = self._latest_samples
-        index = random.Random(self.state.global_step).sample(
+        # Every process holds all the samples: each takes its own mini-batch
+        seed = self.state.global_step * self.accelerator.num_processes + self.accelerator.process_index
+        index = random.Random(seed).sample(
             range(len(samples)), min(self.args.per_device_train_batch_size, len(samples))
         )
         batch = collate_samples(
@@ -506,13 +681,51 @@ class CADETTrainer(SFTTrainer):
                 self._finish_pending_phase(install=True)
             self.nado.save_pretrained(os.path.join(output_dir, NADO_DIR))
 
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        # While `_save_checkpoint` runs, Trainer writes `checkpoint-N` into the staging folder instead
+        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_staging", False) else run_dir
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if getattr(self, "_staging", False):
+            return  # pushed by `_save_checkpoint` once the checkpoint is complete and in its place
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint plus the CADET state, written to a staging folder and renamed to `checkpoint-N` when
+        complete, so that a run killed while saving leaves the previous checkpoints as they were."""
         # A background phase is finished (not installed) first, so the checkpoint holds both NADO models
         self._finish_pending_phase(install=False)
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.args.should_save:
+            self._save_cadet_state(staged)
+            if self.state.best_model_checkpoint == staged:  # Trainer records where it found the best checkpoint
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, weight shards) are written
+        if self.args.should_save:
+            _publish(staged, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        if self.args.push_to_hub:
+            super()._push_from_checkpoint(final)
+        self.accelerator.wait_for_everyone()
+
+    def _save_cadet_state(self, output_dir: str) -> None:
         torch.save(self.nado_optimizer.state_dict(), os.path.join(output_dir, NADO_OPTIMIZER_NAME))
         pending = self._pending
         if pending is not None:
@@ -567,10 +780,16 @@ class CADETTrainer(SFTTrainer):
         self._latest_samples = Samples(**state["latest_samples"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if self.args.should_save:
+            # What a run killed while saving left behind; never a complete checkpoint
+            shutil.rmtree(os.path.join(self.args.output_dir, STAGING_DIR), ignore_errors=True)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
+                raise ValueError(
+                    f"No complete checkpoint found in {self.args.output_dir} to resume from. Pass the path of a "
+                    "checkpoint, or train without `resume_from_checkpoint`."
+                )
         if resume_from_checkpoint:
             self._load_cadet_state(resume_from_checkpoint)
         try:

@@ -4,6 +4,7 @@ The functions here take a plain (unwrapped) policy model and never touch the tra
 run them on the training model and the parallel schedule on a snapshot in a background thread.
 """
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,35 @@ class Samples:
     def extend(self, other: "Samples") -> None:
         for key, values in other.to_dict().items():
             getattr(self, key).extend(values)
+
+
+@dataclass
+class Labelling:
+    """What labelling the completions of one process gave: the kept samples, and what the oracles reported.
+
+    `merge` adds another process's share, so that the phase's metrics are computed over all processes' samples.
+    """
+
+    samples: Samples = field(default_factory=Samples)
+    dropped: int = 0
+    failures: int = 0
+    per_oracle: dict[str, list[float]] = field(default_factory=dict)  # the scores each oracle gave (None excluded)
+    errors: list[str] = field(default_factory=list)
+
+    def merge(self, other: "Labelling") -> None:
+        self.samples.extend(other.samples)
+        self.dropped += other.dropped
+        self.failures += other.failures
+        for name, scores in other.per_oracle.items():
+            self.per_oracle.setdefault(name, []).extend(scores)
+        self.errors.extend(other.errors)
+
+    def metrics(self) -> dict[str, float]:
+        metrics = {"oracle/dropped": float(self.dropped), "oracle/failures": float(self.failures)}
+        for name, scores in self.per_oracle.items():
+            if scores:
+                metrics[f"oracle/{name}/mean"] = sum(scores) / len(scores)
+        return metrics
 
 
 def render_prompt(prompt: Any, processing_class: PreTrainedTokenizerBase) -> str:
@@ -75,6 +105,67 @@ def collate_samples(
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _fsdp_classes() -> tuple[type, ...]:
+    if not torch.distributed.is_available():
+        return ()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return (FullyShardedDataParallel,)
+    return (FullyShardedDataParallel, FSDPModule)
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP (1 or 2) in a multi-process run, where its forward passes are collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() == 1:
+        return False
+    return any(isinstance(m, _fsdp_classes()) for m in model.modules())
+
+
+def has_sharded_weights(model: torch.nn.Module) -> bool:
+    """Whether this process holds only a shard of some of `model`'s weights (FSDP 1 or 2, DeepSpeed ZeRO-3)."""
+    if any(isinstance(m, _fsdp_classes()) for m in model.modules()):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        DTensor = ()
+    # ZeRO-3 tags its partitioned parameters with `ds_id`
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+
+def snapshot_policy(
+    policy: PreTrainedModel, device: torch.device | str, snapshot: PreTrainedModel | None = None
+) -> PreTrainedModel:
+    """A frozen copy of `policy` on `device` for the parallel schedule, or `snapshot` refreshed in place."""
+    if has_sharded_weights(policy):
+        raise RuntimeError(
+            "The parallel schedule needs a full copy of the policy, but its weights are sharded (FSDP or DeepSpeed "
+            "ZeRO-3), so this process holds only part of them. Use `round_schedule='sequential'`."
+        )
+    if snapshot is None:
+        try:
+            snapshot = copy.deepcopy(policy).to(device)
+        except Exception as error:
+            raise RuntimeError(
+                f"Could not copy the policy for the parallel schedule ({type(error).__name__}: {error}). Use "
+                "`round_schedule='sequential'`."
+            ) from error
+        snapshot.requires_grad_(False)
+    else:
+        # Only trainable parameters change during training; frozen (e.g. quantised base) weights are shared state
+        live = dict(policy.named_parameters())
+        with torch.no_grad():
+            for name, param in snapshot.named_parameters():
+                if live[name].requires_grad:
+                    param.copy_(live[name].detach())
+    return snapshot.eval()
+
+
 @torch.no_grad()
 def sample_completions(
     policy: PreTrainedModel,
@@ -99,6 +190,9 @@ def sample_completions(
     pad_token_id = processing_class.pad_token_id
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
     completions: list[list[int]] = []
+    # A sharded (FSDP) policy gathers its weights in every forward pass, a collective call: all processes must run
+    # the same number of forward passes, even those whose completions have all ended
+    synced_gpus = _is_sharded(policy) or None
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
         torch.manual_seed(seed)
@@ -114,6 +208,7 @@ def sample_completions(
                 max_new_tokens=max_completion_length,
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(eos_ids),
+                synced_gpus=synced_gpus,
             )
             for row in output[:, input_ids.shape[1] :].tolist():
                 cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
@@ -132,8 +227,8 @@ def label_samples(
     labels: str,
     threshold: float,
     max_retries: int,
-) -> tuple[Samples, dict[str, float]]:
-    """Decode, score and label completions; returns the kept samples and the phase's oracle metrics."""
+) -> Labelling:
+    """Decode, score and label completions; returns the kept samples and what the oracles reported."""
     texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
     repeated_prompts = [p for p in prompts for _ in range(num_generations)]
     # Conversational prompts get conversational completions, as TRL's reward functions expect
@@ -150,12 +245,13 @@ def label_samples(
         samples.completion_ids.append(completion_ids[i])
         samples.scores.append(score)
         samples.labels.append(float(score >= threshold) if labels == "hard" else score)
-    metrics = {"oracle/dropped": float(result.num_dropped)}
-    for name, scores in result.per_oracle.items():
-        kept = [s for s in scores if s is not None]
-        if kept:
-            metrics[f"oracle/{name}/mean"] = sum(kept) / len(kept)
-    return samples, metrics
+    return Labelling(
+        samples=samples,
+        dropped=result.num_dropped,
+        failures=result.num_failures,
+        per_oracle={name: [s for s in scores if s is not None] for name, scores in result.per_oracle.items()},
+        errors=result.errors,
+    )
 
 
 def _policy_forward(policy, nado: NADOModel, batch: dict[str, torch.Tensor]):
@@ -273,6 +369,7 @@ class PhaseResult:
     samples: Samples
     metrics: dict[str, float]
     satisfaction: float | None
+    errors: list[str] = field(default_factory=list)  # the oracles that failed every retry, and why
 
 
 def run_oracle_phase(
@@ -289,8 +386,8 @@ def run_oracle_phase(
 ) -> PhaseResult:
     """Sample from `policy`, label with `oracles`, and train `nado` in place. `args` is a `CADETConfig`.
 
-    `gather`, when given, merges the samples of all processes (each process samples its share of the prompts) so
-    that every process trains the NADO model on the same data and the copies stay identical.
+    `gather`, when given, merges the `Labelling` of all processes (each process samples its share of the prompts) so
+    that every process trains the NADO model on the same data and logs the phase's global metrics.
     """
     start = time.perf_counter()
     was_training = policy.training
@@ -309,7 +406,7 @@ def run_oracle_phase(
             seed=seed,
         )
         generated = time.perf_counter()
-        samples, metrics = label_samples(
+        labelling = label_samples(
             oracles,
             prompts,
             prompt_ids,
@@ -322,7 +419,8 @@ def run_oracle_phase(
             max_retries=args.oracle_max_retries,
         )
         if gather is not None:
-            samples, metrics = gather(samples, metrics)
+            labelling = gather(labelling)
+        samples, metrics = labelling.samples, labelling.metrics()
         labelled = time.perf_counter()
         satisfaction = None
         if len(samples):
@@ -358,4 +456,6 @@ def run_oracle_phase(
             "time/oracle_phase": end - start,
         }
     )
-    return PhaseResult(round=round_index, samples=samples, metrics=metrics, satisfaction=satisfaction)
+    return PhaseResult(
+        round=round_index, samples=samples, metrics=metrics, satisfaction=satisfaction, errors=labelling.errors
+    )

@@ -64,11 +64,17 @@ class ToxicityOracle:
 
 @dataclass
 class OracleScores:
-    """Scores of one labelling call. `scores[i]` is `None` when the sample was dropped."""
+    """Scores of one labelling call. `scores[i]` is `None` when the sample was dropped.
+
+    `num_failures` counts the oracle calls that raised (retries included); `errors` describes each oracle that still
+    failed after its last retry, whose samples were dropped.
+    """
 
     scores: list[float | None]
     per_oracle: dict[str, list[float | None]] = field(default_factory=dict)
     num_dropped: int = 0
+    num_failures: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
 def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
@@ -88,7 +94,13 @@ def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             checked.append(None)
             continue
-        value = float(value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"The oracle `{name}` returned {value!r} ({type(value).__name__}) as a score; each score must be a "
+                "number in [0, 1], or None to drop the sample."
+            ) from None
         if math.isnan(value):
             checked.append(None)
             continue
@@ -122,14 +134,20 @@ def call_oracles(
     if len(weights) != len(oracles):
         raise ValueError(f"Got {len(weights)} oracle weights for {len(oracles)} oracles; pass one weight per oracle.")
     per_oracle: dict[str, list[float | None]] = {}
+    num_failures = 0
+    errors: list[str] = []
     for oracle in oracles:
         name = oracle_name(oracle)
-        for attempt in range(max_retries + 1):
+        # A process with no share of the prompts has nothing to judge, and user oracles need not cope with that
+        raw = []
+        for attempt in range(max_retries + 1 if n else 0):
             try:
                 raw = oracle(prompts=list(prompts), completions=list(completions), **kwargs)
                 break
             except Exception as error:  # a remote judge may fail transiently; anything else fails every attempt
+                num_failures += 1
                 if attempt == max_retries:
+                    errors.append(f"`{name}` ({type(error).__name__}: {error})")
                     logger.warning(
                         "The oracle `%s` failed %d time(s) (%s: %s); dropping the %d samples of this batch.",
                         name,
@@ -154,4 +172,10 @@ def call_oracles(
             combined.append(None)
         else:
             combined.append(sum(w * v for w, v in zip(weights, values, strict=True)) / total_weight)
-    return OracleScores(scores=combined, per_oracle=per_oracle, num_dropped=sum(v is None for v in combined))
+    return OracleScores(
+        scores=combined,
+        per_oracle=per_oracle,
+        num_dropped=sum(v is None for v in combined),
+        num_failures=num_failures,
+        errors=errors,
+    )
