@@ -254,15 +254,109 @@ def label_samples(
     )
 
 
-def _policy_forward(policy, nado: NADOModel, batch: dict[str, torch.Tensor]):
-    outputs = policy(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-        use_cache=False,
-    )
-    hidden = outputs.hidden_states[nado.config.hidden_state_layer]
-    return outputs.logits, hidden
+def _pad_rows(rows: list[torch.Tensor], value: float = 0) -> torch.Tensor:
+    """Right-pad `[L_i, ...]` tensors to one `[B, max L_i, ...]` tensor."""
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+@dataclass
+class SampleFeatures:
+    """What NADO training needs of one sample, from one forward pass of the policy (the policy is frozen during the
+    phase, so every epoch after the first costs only the NADO model and the LM head, not the whole LM).
+
+    A sample's *window* is the positions that predict its completion tokens, from its last prompt token to its last
+    completion token: `tokens` are the tokens there (`[C + 1]`), and `lm_logits` or `head_states` the LM's logits or
+    the final hidden states that give them through the LM head (`[C + 1, V]` or `[C + 1, H]`). `nado_states` are the
+    hidden states the NADO model reads: the window when it is a head only, the whole sequence when it has its own
+    layers (they attend to the prompt), with `offset` the window's first position.
+    """
+
+    tokens: torch.Tensor
+    nado_states: torch.Tensor
+    offset: int
+    head_states: torch.Tensor | None = None
+    lm_logits: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def sample_features(
+    policy: PreTrainedModel,
+    nado: NADOModel,
+    samples: Samples,
+    pad_token_id: int,
+    batch_size: int,
+    proposal: tuple[float, float] | None = None,
+) -> tuple[list[SampleFeatures], torch.Tensor | None]:
+    """One forward pass of `policy` over the samples: their `SampleFeatures`, and, with `proposal=(temperature,
+    top_p)`, the self-normalised importance weights `p_θ(y|x) / p_sample(y|x)` of the completions (else `None`)."""
+    policy_device, device = policy.device, next(nado.parameters()).device
+    head = policy.get_output_embeddings()
+    use_head = None  # decided on the first batch: whether `head(final hidden states)` reproduces the logits
+    top_p_warper = TopPLogitsWarper(proposal[1]) if proposal is not None and proposal[1] < 1.0 else None
+    features: list[SampleFeatures] = []
+    policy_lp, proposal_lp = [], []
+    for start in range(0, len(samples), batch_size):
+        prompts = samples.prompt_ids[start : start + batch_size]
+        completions = samples.completion_ids[start : start + batch_size]
+        batch = collate_samples(prompts, completions, pad_token_id, policy_device)
+        outputs = policy(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        logits, final = outputs.logits, outputs.hidden_states[-1]
+        nado_hidden = outputs.hidden_states[nado.config.hidden_state_layer]
+        if use_head is None:
+            use_head = head is not None and torch.allclose(
+                head(final[:1]).float(), logits[:1].float(), rtol=1e-3, atol=1e-3
+            )
+        if proposal is not None:
+            proposal_logits = logits.float() / proposal[0]
+            if top_p_warper is not None:
+                proposal_logits = top_p_warper(None, proposal_logits.flatten(0, 1)).view_as(proposal_logits)
+            policy_lp.append(sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"]).cpu())
+            proposal_lp.append(sequence_logprobs(proposal_logits, batch["input_ids"], batch["completion_mask"]).cpu())
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            window = slice(len(prompt) - 1, len(prompt) + len(completion))
+            features.append(
+                SampleFeatures(
+                    tokens=batch["input_ids"][row, window].to(device),
+                    nado_states=nado_hidden[row, window if not nado.layers else slice(0, window.stop)].to(device),
+                    offset=0 if not nado.layers else window.start,
+                    head_states=final[row, window] if use_head else None,
+                    lm_logits=None if use_head else logits[row, window],
+                )
+            )
+    weights = None
+    if proposal is not None:
+        weights = importance_weights(torch.cat(policy_lp), torch.cat(proposal_lp))
+    return features, weights
+
+
+def _nado_batch(policy, nado: NADOModel, features: list[SampleFeatures]):
+    """`(nado_logits, lm_logits, tokens, completion_mask)` over the windows of `features`, right-padded."""
+    device = next(nado.parameters()).device
+    tokens = _pad_rows([f.tokens for f in features])
+    lengths = torch.tensor([len(f.tokens) for f in features], device=device)
+    columns = torch.arange(tokens.shape[1], device=device)
+    completion_mask = ((columns[None] > 0) & (columns[None] < lengths[:, None])).long()
+    if nado.layers:
+        states = _pad_rows([f.nado_states for f in features])
+        attention_mask = _pad_rows([torch.ones(len(f.nado_states), device=device) for f in features]).long()
+        # The layers attend to the whole sequence; only the windows are scored
+        offsets = torch.tensor([f.offset for f in features], device=device)
+        positions = (offsets[:, None] + columns[None]).clamp(max=states.shape[1] - 1)
+        nado_logits = nado(states, attention_mask)
+        nado_logits = nado_logits.gather(1, positions[..., None].expand(-1, -1, nado_logits.shape[-1]))
+    else:
+        nado_logits = nado(_pad_rows([f.nado_states for f in features]))
+    with torch.no_grad():
+        if features[0].head_states is not None:
+            lm_logits = policy.get_output_embeddings()(_pad_rows([f.head_states for f in features]))
+        else:
+            lm_logits = _pad_rows([f.lm_logits for f in features])
+    return nado_logits, lm_logits.to(device), tokens, completion_mask
 
 
 def train_nado(
@@ -285,34 +379,13 @@ def train_nado(
     the self-normalised importance weight `p_θ(y|x) / p_sample(y|x)` over all the phase's samples.
     """
     device = next(nado.parameters()).device
-    policy_device = policy.device
     n = len(samples)
-    weights = torch.ones(n)
-    if importance_weighting and (temperature != 1.0 or top_p < 1.0):
-        top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
-        policy_lp, proposal_lp = [], []
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                batch = collate_samples(
-                    samples.prompt_ids[start : start + batch_size],
-                    samples.completion_ids[start : start + batch_size],
-                    pad_token_id,
-                    policy_device,
-                )
-                logits = policy(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits.float()
-                proposal_logits = logits / temperature
-                if top_p_warper is not None:
-                    flat = proposal_logits.flatten(0, 1)
-                    proposal_logits = top_p_warper(None, flat).view_as(proposal_logits)
-                policy_lp.append(sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"]).cpu())
-                proposal_lp.append(
-                    sequence_logprobs(proposal_logits, batch["input_ids"], batch["completion_mask"]).cpu()
-                )
-        weights = importance_weights(torch.cat(policy_lp), torch.cat(proposal_lp))
-
-    labels = torch.tensor(samples.labels, dtype=torch.float32)
+    tempered = importance_weighting and (temperature != 1.0 or top_p < 1.0)
+    features, weights = sample_features(
+        policy, nado, samples, pad_token_id, batch_size, proposal=(temperature, top_p) if tempered else None
+    )
+    weights = (torch.ones(n) if weights is None else weights).to(device)
+    labels = torch.tensor(samples.labels, dtype=torch.float32, device=device)
     generator = torch.Generator().manual_seed(seed)
     totals = {"bce": 0.0, "consistency": 0.0, "accuracy": 0.0}
     steps = 0
@@ -322,24 +395,15 @@ def train_nado(
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
-            batch = collate_samples(
-                [samples.prompt_ids[i] for i in index],
-                [samples.completion_ids[i] for i in index],
-                pad_token_id,
-                policy_device,
-            )
-            with torch.no_grad():
-                lm_logits, hidden = _policy_forward(policy, nado, batch)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            nado_logits = nado(hidden.to(device), batch["attention_mask"])
+            nado_logits, lm_logits, tokens, completion_mask = _nado_batch(policy, nado, [features[i] for i in index])
             loss, bce, consistency = nado_loss(
                 nado_logits,
-                lm_logits.to(device),
-                batch["input_ids"],
-                labels[index].to(device),
-                batch["completion_mask"],
+                lm_logits,
+                tokens,
+                labels[index],
+                completion_mask,
                 consistency_weight=consistency_weight,
-                sample_weights=weights[index].to(device),
+                sample_weights=weights[index],
                 return_parts=True,
             )
             optimizer.zero_grad(set_to_none=True)
@@ -348,10 +412,9 @@ def train_nado(
             with torch.no_grad():
                 # R predicted for the whole completion (at its last token) against the sequence label
                 rows = torch.arange(len(index), device=device)
-                positions = torch.arange(batch["input_ids"].shape[1], device=device)
-                last = (batch["completion_mask"] * positions).argmax(1)
-                r_last = nado_logits[rows, last - 1, batch["input_ids"][rows, last]]
-                correct = (r_last > 0) == (labels[index].to(device) >= 0.5)
+                last = completion_mask.sum(1)  # the window's last column holds the last completion token
+                r_last = nado_logits[rows, last - 1, tokens[rows, last]]
+                correct = (r_last > 0) == (labels[index] >= 0.5)
             totals["bce"] += bce.item()
             totals["consistency"] += consistency.item()
             totals["accuracy"] += correct.float().mean().item()

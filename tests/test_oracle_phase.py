@@ -1,0 +1,73 @@
+"""NADO training on cached features gives the loss of the plain formulation: the policy's forward pass on the
+right-padded prompt + completion batch, `nado_loss` over every position."""
+
+import pytest
+import torch
+
+from trl_cadet.modeling_nado import NADOModel
+from trl_cadet.nado import nado_loss
+from trl_cadet.oracle_phase import Samples, _nado_batch, collate_samples, sample_features
+
+
+def random_samples(vocab_size: int, n: int = 6) -> Samples:
+    generator = torch.Generator().manual_seed(0)
+    samples = Samples()
+    for i in range(n):
+        prompt_length, completion_length = 3 + i % 4, 1 + (5 * i) % 7  # ragged on both sides
+        samples.prompt_ids.append(torch.randint(3, vocab_size, (prompt_length,), generator=generator).tolist())
+        samples.completion_ids.append(torch.randint(3, vocab_size, (completion_length,), generator=generator).tolist())
+        samples.scores.append(float(i % 2))
+        samples.labels.append(float(i % 2))
+    return samples
+
+
+@pytest.mark.parametrize("num_layers", [0, 1])
+@pytest.mark.parametrize("through_head", [True, False])
+def test_windowed_features_give_the_full_sequence_loss(tiny_llama, num_layers, through_head):
+    model = tiny_llama.eval()
+    nado = NADOModel.from_lm(model, num_layers=num_layers, hidden_state_layer=-2)
+    with torch.no_grad():  # a NADO model that is not all zeros, so that the loss depends on the positions
+        for param in nado.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    samples = random_samples(model.config.vocab_size)
+    labels = torch.tensor(samples.labels)
+
+    batch = collate_samples(samples.prompt_ids, samples.completion_ids, 0, "cpu")
+    with torch.no_grad():
+        outputs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        expected = nado_loss(
+            nado(outputs.hidden_states[-2], batch["attention_mask"]),
+            outputs.logits,
+            batch["input_ids"],
+            labels,
+            batch["completion_mask"],
+        )
+
+    features, weights = sample_features(model, nado, samples, pad_token_id=0, batch_size=4)
+    assert weights is None
+    assert all((f.head_states is not None) == (f.lm_logits is None) for f in features)
+    if not through_head:  # as for a model whose logits are not its output embeddings of the last hidden states
+        for f in features:
+            f.lm_logits, f.head_states = model.get_output_embeddings()(f.head_states), None
+    with torch.no_grad():
+        nado_logits, lm_logits, tokens, completion_mask = _nado_batch(model, nado, features)
+        got = nado_loss(nado_logits, lm_logits, tokens, labels, completion_mask)
+    assert completion_mask.sum().item() == sum(len(c) for c in samples.completion_ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_lm_head_path_is_taken_when_it_reproduces_the_logits(tiny_llama):
+    nado = NADOModel.from_lm(tiny_llama)
+    features, _ = sample_features(tiny_llama.eval(), nado, random_samples(tiny_llama.config.vocab_size), 0, 4)
+    assert all(f.head_states is not None and f.lm_logits is None for f in features)
+
+
+def test_importance_weights_come_from_the_same_pass(tiny_llama):
+    nado = NADOModel.from_lm(tiny_llama)
+    samples = random_samples(tiny_llama.config.vocab_size)
+    _, weights = sample_features(tiny_llama.eval(), nado, samples, 0, 4, proposal=(2.0, 1.0))
+    assert weights.shape == (len(samples),)
+    torch.testing.assert_close(weights.sum(), torch.tensor(float(len(samples))))
+    assert weights.std() > 0  # a tempered proposal weights completions unevenly
