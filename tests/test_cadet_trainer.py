@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 from trl_cadet import CADETConfig, CADETTrainer, NADOModel
 from trl_cadet.decoding import NADOLogitsProcessor
 from trl_cadet.nado import target_logprobs
+from trl_cadet.oracle_phase import Samples
 
 
 BAD_WORD = "idiot"
@@ -337,3 +338,36 @@ def test_guided_decoding_processor_follows_q_and_avoids_a_forbidden_token(tokeni
     new = prompt["input_ids"].shape[1]
     assert (plain[:, new:] == forbidden).any()
     assert not (guided[:, new:] == forbidden).any()
+
+
+@pytest.mark.parametrize("positions", ["corpus", "samples"])
+def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama, tmp_path, positions):
+    """After the first batch, only the trained positions go through the LM head; the loss must not change."""
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=config(tmp_path, regularized_positions=positions),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    with torch.no_grad():
+        trainer.nado.head.weight.normal_(std=0.5)  # a NADO model that is not all zeros, so the KL is not zero
+    trainer.nado_source_round = 0
+    if positions == "samples":
+        prompts = tokenizer(["hello there"] * 4)["input_ids"]
+        trainer._latest_samples = Samples(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], [1.0] * 4, [1.0] * 4)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer._head_gives_logits = False  # the plain forward, everywhere
+    plain = trainer.compute_loss(trainer.model, batch)
+    trainer._head_gives_logits = None
+    trainer.compute_loss(trainer.model, batch)  # checks the head on this batch
+    assert trainer._head_gives_logits is True
+    shortcut = trainer.compute_loss(trainer.model, batch)
+    torch.testing.assert_close(shortcut, plain, rtol=1e-5, atol=1e-6)
+    assert logged_metric(trainer, "cadet/kl" if positions == "corpus" else "cadet/kl_samples") > 0
+
+
+def logged_metric(trainer, key):
+    return trainer._metrics["train"][key][-1]

@@ -1,4 +1,5 @@
 import copy
+import inspect
 import json
 import logging
 import os
@@ -10,7 +11,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -29,6 +29,7 @@ from .oracle_phase import (
     PhaseResult,
     Samples,
     collate_samples,
+    has_sharded_weights,
     run_oracle_phase,
     snapshot_policy,
     tokenize_prompts,
@@ -416,6 +417,7 @@ class CADETTrainer(SFTTrainer):
         self._snapshot: PreTrainedModel | None = None
         self._round_started_at: float | None = None
         self._round_blocking = 0.0
+        self._head_gives_logits: bool | None = None  # decided on the first batch, see `_trained_logits`
         self.add_callback(_RoundTimer(self))
 
     @staticmethod
@@ -590,15 +592,16 @@ class CADETTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, use_cache=False, output_hidden_states=True)
-
-        # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known
         mask = regularized_mask(labels)
-        logits = outputs.logits[mask]  # [N, V]: only the positions that are trained on
+        outputs, logits = self._trained_logits(model, model_inputs, mask)  # logits: [N, V], the trained positions
+
+        # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known. log p is
+        # computed once, for the LM loss and the regulariser
         targets = labels[:, 1:][mask[:, :-1]]
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         normaliser = torch.as_tensor(num_tokens, device=logits.device, dtype=torch.float32).clamp(min=1)
-        lm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        lm_loss = -log_p.gather(-1, targets[:, None]).sum() / normaliser
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             lm_loss = lm_loss * self.accelerator.num_processes
         loss = lm_loss
@@ -613,7 +616,7 @@ class CADETTrainer(SFTTrainer):
                     nado_logits = self.nado(hidden, inputs.get("attention_mask"))[mask]
                 else:
                     nado_logits = self.nado(hidden[mask])  # the head is position-wise: score the used positions only
-            kl_sum = cadet_kl(logits, nado_logits, reduction="none").sum()
+            kl_sum = cadet_kl(logits, nado_logits, reduction="none", lm_logprobs=log_p).sum()
             kl = kl_sum / normaliser
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 kl = kl * self.accelerator.num_processes
@@ -643,6 +646,39 @@ class CADETTrainer(SFTTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
+    def _trained_logits(self, model, inputs: dict[str, torch.Tensor], mask: torch.Tensor):
+        """The model's outputs (with hidden states) and its logits at the positions in `mask`, shape `[N, V]`.
+
+        Like TRL's fused LM head, only the trained positions go through the LM head, so that no `[B, L, V]` logits are
+        built, when the head alone turns the last hidden states into the logits: checked on the first batch against
+        the model's own logits (a model that scales or soft-caps its logits keeps the plain forward), and never with
+        sharded weights (FSDP, ZeRO-3), whose head can only run inside the model's forward.
+        """
+        if self._head_gives_logits is None:
+            outputs = model(**inputs, use_cache=False, output_hidden_states=True)
+            logits = outputs.logits[mask]
+            unwrapped = self.accelerator.unwrap_model(model)
+            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            head = unwrapped.get_output_embeddings()
+            self._head_gives_logits = False
+            if (
+                head is not None
+                and "logits_to_keep" in inspect.signature(base.forward).parameters
+                and not has_sharded_weights(unwrapped)
+            ):
+                with torch.no_grad():
+                    sample = outputs.hidden_states[-1][mask][:8]
+                    self._head_gives_logits = torch.allclose(
+                        head(sample).float(), logits[:8].float(), rtol=1e-3, atol=1e-3
+                    )
+            return outputs, logits
+        if not self._head_gives_logits:
+            outputs = model(**inputs, use_cache=False, output_hidden_states=True)
+            return outputs, outputs.logits[mask]
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        return outputs, head(outputs.hidden_states[-1][mask])
+
     def _samples_kl(self, model) -> torch.Tensor:
         """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass)."""
         samples = self._latest_samples
@@ -657,18 +693,14 @@ class CADETTrainer(SFTTrainer):
             self._tokenizer.pad_token_id,
             self.accelerator.device,
         )
-        outputs = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            use_cache=False,
-            output_hidden_states=True,
-        )
         mask = torch.zeros_like(batch["completion_mask"], dtype=torch.bool)
         mask[:, :-1] = batch["completion_mask"][:, 1:].bool()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        outputs, logits = self._trained_logits(model, inputs, mask)
         hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
         with torch.no_grad():
             nado_logits = self.nado(hidden, batch["attention_mask"])[mask]
-        return cadet_kl(outputs.logits[mask], nado_logits)
+        return cadet_kl(logits, nado_logits)
 
     # Saving and resuming
 
