@@ -496,6 +496,9 @@ class CADETTrainer(SFTTrainer):
             self.args,
             round_index,
             gather=gather,
+            # Bars for the phases that hold training up (`gather` is None only in the background, whose bars would
+            # tangle with the trainer's)
+            progress=gather is not None and self.accelerator.is_main_process and not self.args.disable_tqdm,
         )
         if gather is not None and self.accelerator.num_processes > 1:
             # Each process trained its copy on the same samples; make the copies bitwise identical whatever the

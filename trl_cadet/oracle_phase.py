@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TopPLogitsWarper
 from trl.data_utils import maybe_apply_chat_template
 
@@ -177,6 +178,7 @@ def sample_completions(
     top_p: float,
     batch_size: int,
     seed: int,
+    progress: bool = False,
 ) -> list[list[int]]:
     """`num_generations` completions per prompt (grouped by prompt), each cut after its first EOS token.
 
@@ -196,7 +198,8 @@ def sample_completions(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
         torch.manual_seed(seed)
-        for start in range(0, len(repeated), batch_size):
+        starts = range(0, len(repeated), batch_size)
+        for start in tqdm(starts, desc="Oracle phase: sampling", unit="batch", disable=not progress, leave=False):
             input_ids, attention_mask = pad_left(repeated[start : start + batch_size], pad_token_id, device)
             output = policy.generate(
                 input_ids=input_ids,
@@ -227,6 +230,7 @@ def label_samples(
     labels: str,
     threshold: float,
     max_retries: int,
+    progress: bool = False,
 ) -> Labelling:
     """Decode, score and label completions; returns the kept samples and what the oracles reported."""
     texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
@@ -236,7 +240,14 @@ def label_samples(
         [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
         for prompt, text in zip(repeated_prompts, texts, strict=True)
     ]
-    result = call_oracles(oracles, repeated_prompts, completions, weights=oracle_weights, max_retries=max_retries)
+    result = call_oracles(
+        oracles,
+        repeated_prompts,
+        completions,
+        weights=oracle_weights,
+        max_retries=max_retries,
+        progress=progress,
+    )
     samples = Samples()
     for i, score in enumerate(result.scores):
         if score is None:
@@ -286,6 +297,7 @@ def sample_features(
     pad_token_id: int,
     batch_size: int,
     proposal: tuple[float, float] | None = None,
+    progress: bool = False,
 ) -> tuple[list[SampleFeatures], torch.Tensor | None]:
     """One forward pass of `policy` over the samples: their `SampleFeatures`, and, with `proposal=(temperature,
     top_p)`, the self-normalised importance weights `p_θ(y|x) / p_sample(y|x)` of the completions (else `None`)."""
@@ -295,7 +307,8 @@ def sample_features(
     top_p_warper = TopPLogitsWarper(proposal[1]) if proposal is not None and proposal[1] < 1.0 else None
     features: list[SampleFeatures] = []
     policy_lp, proposal_lp = [], []
-    for start in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="Oracle phase: NADO features", unit="batch", disable=not progress, leave=False):
         prompts = samples.prompt_ids[start : start + batch_size]
         completions = samples.completion_ids[start : start + batch_size]
         batch = collate_samples(prompts, completions, pad_token_id, policy_device)
@@ -372,6 +385,7 @@ def train_nado(
     top_p: float = 1.0,
     importance_weighting: bool = True,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Train `nado` on labelled samples of `policy` (warm start: it keeps its weights and optimiser state).
 
@@ -381,16 +395,27 @@ def train_nado(
     device = next(nado.parameters()).device
     n = len(samples)
     tempered = importance_weighting and (temperature != 1.0 or top_p < 1.0)
+    start_time = time.perf_counter()
     features, weights = sample_features(
-        policy, nado, samples, pad_token_id, batch_size, proposal=(temperature, top_p) if tempered else None
+        policy,
+        nado,
+        samples,
+        pad_token_id,
+        batch_size,
+        proposal=(temperature, top_p) if tempered else None,
+        progress=progress,
     )
     weights = (torch.ones(n) if weights is None else weights).to(device)
+    features_time = time.perf_counter() - start_time
     labels = torch.tensor(samples.labels, dtype=torch.float32, device=device)
     generator = torch.Generator().manual_seed(seed)
     totals = {"bce": 0.0, "consistency": 0.0, "accuracy": 0.0}
     steps = 0
     nado.train()
     nado.requires_grad_(True)
+    bar = tqdm(
+        total=epochs * -(-n // batch_size), desc="Oracle phase: NADO training", disable=not progress, leave=False
+    )
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, batch_size):
@@ -419,9 +444,12 @@ def train_nado(
             totals["consistency"] += consistency.item()
             totals["accuracy"] += correct.float().mean().item()
             steps += 1
+            bar.update()
+    bar.close()
     nado.requires_grad_(False)
     nado.eval()
-    return {f"nado/{k}": v / max(steps, 1) for k, v in totals.items()}
+    metrics = {f"nado/{k}": v / max(steps, 1) for k, v in totals.items()}
+    return {**metrics, "time/nado_features": features_time}
 
 
 @dataclass
@@ -446,6 +474,7 @@ def run_oracle_phase(
     args,
     round_index: int,
     gather=None,
+    progress: bool = False,
 ) -> PhaseResult:
     """Sample from `policy`, label with `oracles`, and train `nado` in place. `args` is a `CADETConfig`.
 
@@ -467,6 +496,7 @@ def run_oracle_phase(
             top_p=args.top_p,
             batch_size=args.generation_batch_size,
             seed=seed,
+            progress=progress,
         )
         generated = time.perf_counter()
         labelling = label_samples(
@@ -480,6 +510,7 @@ def run_oracle_phase(
             labels=args.oracle_labels,
             threshold=args.oracle_threshold,
             max_retries=args.oracle_max_retries,
+            progress=progress,
         )
         if gather is not None:
             labelling = gather(labelling)
@@ -504,6 +535,7 @@ def run_oracle_phase(
                     top_p=args.top_p,
                     importance_weighting=args.nado_importance_weighting,
                     seed=seed,
+                    progress=progress,
                 )
             )
     finally:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +122,14 @@ def call_oracles(
     completions: Sequence[Any],
     weights: Sequence[float] | None = None,
     max_retries: int = 0,
+    progress: bool = False,
     **kwargs,
 ) -> OracleScores:
     """Score completions with one or several oracles and combine them into one satisfaction score each.
 
     Several oracles are combined by a weighted mean, so the result stays in `[0, 1]`. A sample any oracle drops
     (`None`/NaN) is dropped. An oracle that raises is called again up to `max_retries` times; if it still fails, the
-    whole batch is dropped for it and counted, and training goes on.
+    whole batch is dropped for it and counted, and training goes on. `progress` shows a bar over the oracles.
     """
     n = len(completions)
     if weights is None:
@@ -136,7 +139,7 @@ def call_oracles(
     per_oracle: dict[str, list[float | None]] = {}
     num_failures = 0
     errors: list[str] = []
-    for oracle in oracles:
+    for oracle in tqdm(oracles, desc="Oracle phase: labelling", unit="oracle", disable=not progress, leave=False):
         name = oracle_name(oracle)
         # A process with no share of the prompts has nothing to judge, and user oracles need not cope with that
         raw = []
