@@ -227,7 +227,8 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
     try:
         from trl_cadet.cli import plot_reports
 
-        plot_reports(reports, os.path.join(training_args.output_dir, "report.png"))
+        entries = [{"label": r["label"], "lambda": r.get("lambda"), "report": r} for r in reports]
+        plot_reports(entries, os.path.join(training_args.output_dir, "report.png"))
     except ImportError as error:  # matplotlib is in the `demo` extra
         logger.warning("No plot: %s", error)
     print(f"Report: {report_path}")

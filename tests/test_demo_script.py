@@ -1,0 +1,54 @@
+"""The demo script end to end on a tiny model: the path `make demo` runs, shortened so that CI can afford it."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
+    output_dir = tmp_path / "demo"
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "cadet_llama.py"),
+        "--model_name_or_path", tiny_llama_path,
+        "--output_dir", str(output_dir),
+        "--use_cpu", "True",
+        "--max_steps", "2",
+        "--steps_per_round", "1",
+        "--per_device_train_batch_size", "2",
+        "--max_length", "64",
+        "--logging_steps", "1",
+        "--prompts_per_round", "4",
+        "--num_generations", "2",
+        "--max_completion_length", "4",
+        "--nado_batch_size", "4",
+        "--num_train", "60",
+        "--num_heldout", "4",
+        "--num_eval_prompts", "4",
+        "--eval_num_samples", "2",
+        "--eval_max_new_tokens", "4",
+        "--disable_tqdm", "True",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    reports = json.loads((output_dir / "report.json").read_text())
+    assert [r["label"] for r in reports] == ["base", "sft", "cadet"]
+    assert [r.get("lambda") for r in reports] == [None, 0.0, 4.0]
+    for report in reports:
+        assert set(report["toxicity"]) == {"jigsaw", "profanity"}
+        for scores in report["toxicity"].values():
+            assert 0.0 <= scores["expected_max_toxicity"] <= 1.0
+        assert report["perplexity"] > 1.0
+    assert (output_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output_dir / "nado" / "config.json").is_file()  # the NADO model travels with the saved LM
+    assert (output_dir / "adapter_config.json").is_file()  # LoRA by default
+    table = result.stdout.splitlines()
+    header = next(line for line in table if line.startswith("model"))
+    assert "EMT[jigsaw]" in header and "EMT[profanity]" in header and "ppl" in header
+    assert any(line.startswith("cadet") for line in table)
