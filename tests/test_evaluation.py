@@ -387,10 +387,19 @@ def test_cli_evaluate_and_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_demo_sets_are_the_demo_splits():
+    from trl_cadet.cli import load_prompts, load_texts
+    from trl_cadet.demo import DEMO_CORPUS_KWARGS, build_detox_corpus
+
+    corpus = build_detox_corpus(**DEMO_CORPUS_KWARGS)
+    assert load_prompts("demo") == corpus["eval"]["prompt"] and len(corpus["eval"]) == 48
+    assert load_texts("demo") == corpus["heldout"]["messages"] and len(corpus["heldout"]) == 100
+
+
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
-        main(["evaluate", "--model", str(tmp_path), "--prompts", "demo", "--judges", "jigsaw"])
-    assert error.value.code == 2 and "demo" in capsys.readouterr().err
+        main(["evaluate", "--model", str(tmp_path), "--texts", "nowhere.txt"])
+    assert error.value.code == 2 and "neither a file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         main(["evaluate", "--model", str(tmp_path), "--prompts", "nowhere.jsonl", "--judges", "jigsaw"])
     assert error.value.code == 2 and "neither a file" in capsys.readouterr().err

@@ -74,20 +74,25 @@ def _unwrap(item: Any, keys: tuple[str, ...], path: str) -> Any:
 
 
 def load_prompts(value: str) -> list[str | list[dict[str, str]]]:
-    """Read the prompts named by `--prompts`: a `.json`/`.jsonl` file (see the module docstring)."""
+    """Read the prompts named by `--prompts`: a `.json`/`.jsonl` file (see the module docstring), or `demo`."""
     if value == "demo":
-        raise UsageError(
-            "`--prompts demo` names the demo's built-in prompts, which this install does not provide yet. Pass a "
-            "`.json` or `.jsonl` file of prompts instead."
-        )
+        from .demo import demo_eval_sets
+
+        return demo_eval_sets()[0]
     if not os.path.isfile(value):
         raise UsageError(f"`--prompts {value}` is neither a file nor a known prompt set (`demo`). Pass a file path.")
     return [_unwrap(item, ("prompt",), value) for item in _read_items(value)]
 
 
-def load_texts(path: str) -> list[str | list[dict[str, str]]]:
-    """Read the held-out texts of `--texts`: a `.json`/`.jsonl`/`.txt` file (see the module docstring)."""
-    return [_unwrap(item, ("text", "messages"), path) for item in _read_items(path)]
+def load_texts(value: str) -> list[str | list[dict[str, str]]]:
+    """Read the held-out texts of `--texts`: a `.json`/`.jsonl`/`.txt` file (see the module docstring), or `demo`."""
+    if value == "demo":
+        from .demo import demo_eval_sets
+
+        return demo_eval_sets()[1]
+    if not os.path.isfile(value):
+        raise UsageError(f"`--texts {value}` is neither a file nor a known text set (`demo`). Pass a file path.")
+    return [_unwrap(item, ("text", "messages"), value) for item in _read_items(value)]
 
 
 def load_model_and_tokenizer(model_path: str, dtype: str = "float32"):
@@ -118,7 +123,9 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32"):
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Saved model folder, or a PEFT adapter folder.")
     parser.add_argument("--prompts", help="Prompts file (.json/.jsonl), or `demo` for the demo's prompts.")
-    parser.add_argument("--texts", help="Held-out texts file (.json/.jsonl/.txt) for perplexity.")
+    parser.add_argument(
+        "--texts", help="Held-out texts file (.json/.jsonl/.txt) for perplexity, or `demo` for the demo's."
+    )
     parser.add_argument(
         "--judges",
         default=None,

@@ -230,3 +230,13 @@ def build_detox_corpus(
             "eval": _prompts(eval_provocations, taken["eval"], rng),
         }
     )
+
+
+# What `examples/cadet_llama.py` builds with no arguments (its `DemoArguments` defaults and `seed=42`)
+DEMO_CORPUS_KWARGS = {"num_train": 1200, "toxic_share": 0.3, "num_heldout": 100, "num_eval_prompts": 48, "seed": 42}
+
+
+def demo_eval_sets() -> tuple[list, list]:
+    """The default demo's held-out evaluation prompts and benign texts (for perplexity), as `(prompts, texts)`."""
+    corpus = build_detox_corpus(**DEMO_CORPUS_KWARGS)
+    return list(corpus["eval"]["prompt"]), list(corpus["heldout"]["messages"])
