@@ -79,6 +79,7 @@ class DemoArguments:
         default=True,
         metadata={"help": "Also evaluate the base model and train/evaluate plain SFT on the same corpus and steps."},
     )
+    num_oracle_prompts: int = field(default=64, metadata={"help": "Prompts the oracle phase draws from."})
     num_eval_prompts: int = field(default=48, metadata={"help": "Held-out prompts for the toxicity evaluation."})
     eval_num_samples: int = field(default=4, metadata={"help": "Samples per evaluation prompt (the literature: 25)."})
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Tokens per evaluation sample."})
@@ -132,6 +133,7 @@ def load_corpus(demo_args: DemoArguments, seed: int):
         num_train=demo_args.num_train,
         toxic_share=demo_args.toxic_share,
         num_heldout=demo_args.num_heldout,
+        num_oracle_prompts=demo_args.num_oracle_prompts,
         num_eval_prompts=demo_args.num_eval_prompts,
         seed=seed,
     )

@@ -5,10 +5,10 @@ fine-tuning at all, and a way to use a NADO model at inference.
 """
 
 import torch
-import torch.nn.functional as F
 from transformers import LogitsProcessor, PreTrainedModel
 
 from .modeling_nado import NADOModel
+from .nado import guided_logits
 
 
 class NADOLogitsProcessor(LogitsProcessor):
@@ -61,7 +61,7 @@ class NADOLogitsProcessor(LogitsProcessor):
             raise RuntimeError("The LM ran no forward pass through its decoder before scoring; cannot guide it.")
         device = next(self.nado.parameters()).device
         r = self.nado(self._hidden.to(device))[:, -1].to(scores.device)
-        return scores + self.strength * F.logsigmoid(r.float()).to(scores.dtype)
+        return guided_logits(scores, r, self.strength).to(scores.dtype)
 
     def remove(self) -> None:
         """Detach the hook from the LM."""

@@ -13,6 +13,20 @@ import torch
 import torch.nn.functional as F
 
 
+def guided_logits(lm_logits: torch.Tensor, nado_logits: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Unnormalised `log q`: the LM's logits plus `strength · log R(ctx, v)`, in float32.
+
+    With `strength=1` their softmax is `q(v | ctx) ∝ p(v | ctx) R(ctx, v)` (see `target_logprobs`); a larger
+    `strength` enforces the constraint harder when decoding.
+
+    Args:
+        lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM at each context.
+        nado_logits (`torch.Tensor` of shape `[..., V]`): NADO logits `r(ctx, v)` with `R = sigmoid(r)`.
+        strength (`float`, *optional*, defaults to `1.0`): multiplier of `log R`.
+    """
+    return lm_logits.float() + strength * F.logsigmoid(nado_logits.float())
+
+
 def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
 
@@ -23,7 +37,7 @@ def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor) -> torch
     Returns:
         `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
     """
-    return torch.log_softmax(lm_logits.float() + F.logsigmoid(nado_logits.float()), dim=-1)
+    return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -321,8 +321,11 @@ def sample_features(
         logits, final = outputs.logits, outputs.hidden_states[-1]
         nado_hidden = outputs.hidden_states[nado.config.hidden_state_layer]
         if use_head is None:
-            use_head = head is not None and torch.allclose(
-                head(final[:1]).float(), logits[:1].float(), rtol=1e-3, atol=1e-3
+            # A sharded head (FSDP, ZeRO-3) only runs inside the model's forward: keep the logits instead
+            use_head = (
+                head is not None
+                and not has_sharded_weights(policy)
+                and torch.allclose(head(final[:1]).float(), logits[:1].float(), rtol=1e-3, atol=1e-3)
             )
         if proposal is not None:
             proposal_logits = logits.float() / proposal[0]
