@@ -1,0 +1,98 @@
+"""Smoke tests of the cost benchmarks: each script runs as a user runs it, in a subprocess, on the tiny Llama."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def assert_finite(values: dict, keys) -> None:
+    for key in keys:
+        assert isinstance(values[key], int | float) and math.isfinite(values[key]), (key, values[key])
+
+
+def test_step_overhead(tmp_path):
+    out = tmp_path / "step_overhead.json"
+    run_benchmark(
+        "step_overhead.py", "--models", "tiny", "--steps", "2", "--no_memory", "--threads", "1", "--json", str(out)
+    )
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "tiny"
+    assert_finite(row, ["sft_step_s", "cadet_step_s", "step_ratio"])
+    assert set(row["cadet_parts_s"]) == {"forward", "nado_head", "kl", "backward"}
+    assert_finite(row["cadet_parts_s"], row["cadet_parts_s"])
+
+
+def test_memory_estimate():
+    for schedule in ("sequential", "parallel"):
+        result = run_benchmark(
+            "memory_estimate.py", "--schedule", schedule, "--batch_size", "2", "--max_length", "256"
+        )
+        totals = [line for line in result.stdout.splitlines() if line.strip().startswith("total")]
+        assert len(totals) == (2 if schedule == "sequential" else 1), result.stdout
+        for line in totals:
+            gib = float(line.split()[1])
+            assert math.isfinite(gib) and gib > 0
+            assert "fits" in line
+
+
+def test_round_cost(tmp_path):
+    out = tmp_path / "round_cost.json"
+    sizes = ["--prompts_per_round", "4", "--num_generations", "2", "--max_completion_length", "8"]
+    sizes += ["--generation_batch_size", "8", "--nado_epochs", "1", "--nado_batch_size", "4"]
+    result = run_benchmark(
+        "round_cost.py", "--models", "tiny", "--phases", "2", "--threads", "1", *sizes, "--json", str(out)
+    )
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "tiny" and row["settings"]["oracle"] == "toy"
+    assert row["completions_per_phase"] == 8 and len(row["phases"]) == 2
+    parts = ["generation_s", "labelling_s", "nado_features_s", "nado_training_s"]
+    assert_finite(row, ["samples_per_second", "phase_samples_per_second", "total_s", *parts])
+    assert_finite(row, [f"{part[:-2]}_pct" for part in parts])
+    assert row["samples_per_second"] > 0 and row["total_s"] > 0
+    # The parts are the phase, up to bookkeeping
+    assert 0.9 * row["total_s"] <= sum(row[part] for part in parts) <= row["total_s"] + 1e-6
+    assert "NADO features s" in result.stdout and "tiny" in result.stdout
+
+
+def test_schedules(tmp_path):
+    out = tmp_path / "schedules.json"
+    sizes = ["--max_steps", "4", "--steps_per_round", "2", "--prompts_per_round", "4", "--num_generations", "2"]
+    sizes += ["--max_completion_length", "8", "--num_eval_prompts", "4", "--eval_num_samples", "2"]
+    sizes += ["--eval_max_new_tokens", "8"]
+    command = ["--models", "tiny", "--threads", "1", *sizes, "--output_dir", str(tmp_path), "--json", str(out)]
+    result = run_benchmark("schedules.py", *command)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "tiny"
+    for schedule in ("sequential", "parallel"):
+        measured = row[schedule]
+        assert measured["settings"]["rounds"] == 2
+        assert len(measured["round_s"]) == 2 and all(t > 0 for t in measured["round_s"])
+        assert len(measured["logged_round_s"]) == 1  # the last round is never logged
+        assert_finite(measured, ["train_runtime", "wall_clock_s", "rounds_total_s", "perplexity"])
+        assert set(measured["toxicity"]) == {"jigsaw", "profanity"}
+        for metrics in measured["toxicity"].values():
+            assert 0.0 <= metrics["expected_max_toxicity"] <= 1.0
+            assert 0.0 <= metrics["toxicity_probability"] <= 1.0
+    assert len(row["speedup_per_round"]) == 2
+    assert all(math.isfinite(x) and x > 0 for x in [*row["speedup_per_round"], row["speedup_total"]])
+    assert "speed-up" in result.stdout and "EMT[jigsaw]" in result.stdout
