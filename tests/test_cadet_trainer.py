@@ -107,6 +107,9 @@ def test_training_changes_parameters_and_logs_every_metric(tokenizer, tiny_llama
     for key in EXPECTED_METRICS:
         assert logged(trainer, key), f"{key} was not logged"
     assert trainer.current_round == 2
+    # Every round is timed and every oracle phase logged, the last ones included (logging_steps=1: one entry each)
+    assert len(logged(trainer, "time/round")) == 3
+    assert len(logged(trainer, "time/oracle_phase")) == 3
 
 
 @pytest.mark.parametrize("schedule,lag", [("sequential", 0), ("parallel", 1)])

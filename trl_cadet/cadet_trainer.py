@@ -191,7 +191,14 @@ class _RoundTimer(TrainerCallback):
         self.trainer = trainer
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._finish_pending_phase(install=True)
+        # The last round has no successor to close it: finish its background phase, time it, and log what is left
+        trainer = self.trainer
+        started = time.perf_counter()
+        trainer._finish_pending_phase(install=True)
+        trainer._round_blocking += time.perf_counter() - started
+        trainer._close_round()
+        if any(trainer._metrics["train"].values()):
+            trainer.log({})
 
 
 class CADETTrainer(SFTTrainer):
@@ -508,12 +515,19 @@ class CADETTrainer(SFTTrainer):
                     torch.distributed.broadcast(tensor, src=0)
         return result
 
-    def _begin_round(self, round_index: int) -> None:
+    def _close_round(self) -> None:
+        """Log the wall-clock of the round in progress, and of its fine-tuning phase (the time not spent waiting for an
+        oracle phase)."""
         now = time.perf_counter()
         if self._round_started_at is not None:
             self._metrics["train"]["time/round"].append(now - self._round_started_at)
             self._metrics["train"]["time/finetune_phase"].append(now - self._round_started_at - self._round_blocking)
-        self._round_started_at, self._round_blocking = now, 0.0
+        self._round_started_at, self._round_blocking = None, 0.0
+
+    def _begin_round(self, round_index: int) -> None:
+        self._close_round()
+        now = time.perf_counter()
+        self._round_started_at = now
         self.current_round = round_index
 
         if self.args.round_schedule == "sequential" or self.nado_source_round is None:
