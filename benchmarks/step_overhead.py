@@ -130,15 +130,15 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     for _ in range(steps + 1):
         t0 = time.perf_counter()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True)
         mask = regularized_mask(batch["labels"])
-        logits = outputs.logits[mask]
-        lm_loss = F.cross_entropy(logits.float(), batch["labels"][:, 1:][mask[:, :-1]])
+        outputs, logits = trainer._trained_logits(model, inputs, mask)  # the trainer's own forward
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        lm_loss = F.nll_loss(log_p, batch["labels"][:, 1:][mask[:, :-1]])
         t1 = time.perf_counter()
         with torch.no_grad():
             nado_logits = trainer.nado(outputs.hidden_states[-1].detach()[mask])
         t2 = time.perf_counter()
-        kl = cadet_kl(logits, nado_logits)
+        kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p)
         t3 = time.perf_counter()
         (lm_loss + kl).backward()
         model.zero_grad()
