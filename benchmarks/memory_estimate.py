@@ -75,6 +75,20 @@ def estimate(shape: dict, args) -> dict[str, dict[str, float]]:
     oracle = {
         **weights,
         "NADO gradients": nado_grads,
+        # One LM forward pass per phase caches, per sample, the hidden states the NADO head and the LM head read on the
+        # positions that predict completion tokens (bf16; the same tensor when the NADO reads the last layer)
+        f"NADO features cache ({args.samples_per_round} samples)": args.samples_per_round
+        * (args.completion_length + 1)
+        * h
+        * 2,
+        # A NADO step's [batch, completion, vocab] fp32 tensors: NADO logits and their gradient, LM logits, and the
+        # loss's log-softmax and log-sigmoid terms; the features pass holds the [batch, sequence, vocab] logits
+        f"NADO training buffers (batch {args.nado_batch_size})": 6
+        * args.nado_batch_size
+        * (args.completion_length + 1)
+        * v
+        * 4
+        + args.nado_batch_size * (args.prompt_length + args.completion_length) * v * 2,
         f"KV cache ({args.generation_batch_size} x {args.prompt_length + args.completion_length} tokens, bf16)": kv_cache,
         "CUDA context, allocator slack": overhead,
     }
@@ -93,6 +107,8 @@ def main(argv=None):
     parser.add_argument("--generation_batch_size", type=int, default=32)
     parser.add_argument("--prompt_length", type=int, default=64)
     parser.add_argument("--completion_length", type=int, default=48)
+    parser.add_argument("--samples_per_round", type=int, default=128)
+    parser.add_argument("--nado_batch_size", type=int, default=8)
     parser.add_argument("--cuda_overhead_gib", type=float, default=1.5)
     parser.add_argument("--schedule", choices=["sequential", "parallel"], default="sequential")
     parser.add_argument("--budget_gib", type=float, default=24.0)
