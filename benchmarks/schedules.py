@@ -28,7 +28,7 @@ Measured per schedule:
 - `round_s`: wall-clock of each round, from the start of its first step to the start of the next round's (for the
   last round, to the return of `trainer.train()`, which waits for the parallel schedule's last oracle phase). In the
   parallel schedule the wait for O_{k-1} happens at the start of round k, so it is counted in round k.
-- `logged_round_s`: the trainer's own `time/round` log, the same boundaries (the last round is never logged).
+- `logged_round_s`: the trainer's own `time/round` log, the same boundaries (the last round's is logged when training ends).
 - `oracle_phase_s`, `finetune_phase_s`: the logged `time/oracle_phase` of each phase (a background phase runs as long
   as it takes beside fine-tuning) and `time/finetune_phase` (a round minus the time it held training up).
 - `train_runtime`: Trainer's; it stops before `on_train_end`, so it leaves out the wait for the parallel schedule's
