@@ -341,7 +341,7 @@ def sample_features(
                     nado_states=nado_hidden[row, window if not nado.layers else slice(0, window.stop)].to(device),
                     offset=0 if not nado.layers else window.start,
                     head_states=final[row, window] if use_head else None,
-                    lm_logits=None if use_head else logits[row, window],
+                    lm_logits=None if use_head else logits[row, window].clone(),  # not a view of the whole batch
                 )
             )
     weights = None
