@@ -36,7 +36,7 @@ its error and the run goes on; the exit status is 1 when a row failed.
 
 Budgets (`--budget steps`, `--budget oracle_calls`, or `--budget both`, the default):
 
-- `steps`: every trained row makes `--max_steps` LM optimizer steps (the demo's 40 by default), with its own sampling
+- `steps`: every trained row makes `--max_steps` LM optimizer steps (the demo's 30 by default), with its own sampling
   sizes: CADET `prompts_per_round` x `num_generations` per round (its oracle calls are the samples it labels), GRPO
   `per_device_train_batch_size` completions per step (rounded up to a multiple of `--grpo_num_generations`; its oracle
   calls are the completions it scores), DPO `--dpo_num_samples` samples for each oracle-phase prompt (the samples it
@@ -150,7 +150,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"], help="The LM (default: smollm2).")
     parser.add_argument("--budget", default="both", choices=[*BUDGETS, "both"], help="What is held equal.")
-    parser.add_argument("--max_steps", type=int, default=None, help="LM optimizer steps (default: the demo's 40).")
+    parser.add_argument("--max_steps", type=int, default=None, help="LM optimizer steps (default: the demo's 30).")
     parser.add_argument(
         "--oracle_calls", type=int, default=None, help="B of the oracle-call budget (default: CADET's calls)."
     )

@@ -14,7 +14,7 @@ With no arguments it runs offline on embedded defaults: SmolLM2-135M-Instruct (c
 dialogue mixed with templated toxic replies, and two judges (Jigsaw and alt-profanity-check). It writes
 `report.json` and `report.png` to `--output_dir`.
 
-# Offline demo (about 15 minutes on 2 CPU cores)
+# Offline demo (about 23 minutes on 2 CPU cores)
 ```bash
 python examples/cadet_llama.py
 ```
@@ -90,22 +90,23 @@ class DemoArguments:
 # Sized for the offline demo on 2 CPU cores; every value can be overridden on the command line or in a recipe.
 DEMO_DEFAULTS = {
     "output_dir": "outputs/cadet-smollm2",
-    "max_steps": 40,
+    "max_steps": 30,
     "per_device_train_batch_size": 8,
-    "learning_rate": 2e-4,
+    "learning_rate": 5e-4,
     "lr_scheduler_type": "constant",
     "max_length": 160,
     "logging_steps": 5,
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
-    "cadet_lambda": 4.0,
-    "steps_per_round": 20,
+    "cadet_lambda": 16.0,
+    "steps_per_round": 10,
     "prompts_per_round": 32,
-    "num_generations": 2,
+    "num_generations": 4,
     "max_completion_length": 32,
     "generation_batch_size": 32,
-    "nado_epochs": 3,
+    "oracle_labels": "soft",
+    "nado_epochs": 4,
     "nado_batch_size": 16,
     "use_peft": True,
     "lora_r": 16,
