@@ -32,6 +32,7 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
         "--eval_num_samples", "2",
         "--eval_max_new_tokens", "4",
         "--disable_tqdm", "True",
+        "--cadet_lambda", "2.5",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -39,7 +40,7 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
 
     reports = json.loads((output_dir / "report.json").read_text())
     assert [r["label"] for r in reports] == ["base", "sft", "cadet"]
-    assert [r.get("lambda") for r in reports] == [None, 0.0, 4.0]
+    assert [r.get("lambda") for r in reports] == [None, 0.0, 2.5]  # the flag reaches the trainer
     for report in reports:
         assert set(report["toxicity"]) == {"jigsaw", "profanity"}
         for scores in report["toxicity"].values():
