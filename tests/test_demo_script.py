@@ -53,3 +53,19 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
     header = next(line for line in table if line.startswith("model"))
     assert "EMT[jigsaw]" in header and "EMT[profanity]" in header and "ppl" in header
     assert any(line.startswith("cadet") for line in table)
+
+
+def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):
+    """Every key of the shipped Llama-2-7B recipe is an option of the script, and `--config` values reach the configs
+    (the GPU run itself is not part of CI; `--bf16 False --use_cpu True` only let the config validate on a CPU)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    from cadet_llama import make_parser
+
+    recipe = os.path.join(ROOT, "examples", "recipes", "llama2_7b_qlora.yaml")
+    args = ["--config", recipe, "--bf16", "False", "--use_cpu", "True", "--nado_epochs", "3"]
+    demo_args, training_args, model_args = make_parser().parse_args_and_config(args=args)
+    assert model_args.model_name_or_path == "meta-llama/Llama-2-7b-chat-hf"
+    assert model_args.load_in_4bit and model_args.use_peft and model_args.lora_target_modules == "all-linear"
+    assert demo_args.oracle == "detoxify" and demo_args.eval_num_samples == 25
+    assert training_args.max_steps == 600 and training_args.cadet_lambda == 1.0 and training_args.warmup_steps == 0.03
+    assert training_args.nado_epochs == 3  # the command line overrides the recipe
