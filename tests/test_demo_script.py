@@ -69,3 +69,25 @@ def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):
     assert demo_args.oracle == "detoxify" and demo_args.eval_num_samples == 25
     assert training_args.max_steps == 600 and training_args.cadet_lambda == 1.0 and training_args.warmup_steps == 0.03
     assert training_args.nado_epochs == 3  # the command line overrides the recipe
+
+
+def test_the_shipped_accelerate_configs_load():
+    """accelerate reads every config in `examples/accelerate_configs/` (it refuses unknown keys) as the launch it names."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    folder = os.path.join(ROOT, "examples", "accelerate_configs")
+    expected = {
+        "cpu_2proc.yaml": DistributedType.MULTI_CPU,
+        "single_gpu.yaml": DistributedType.NO,
+        "multi_gpu.yaml": DistributedType.MULTI_GPU,
+        "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+        "deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
+        "fsdp.yaml": DistributedType.FSDP,
+    }
+    assert sorted(os.listdir(folder)) == sorted(expected)
+    for name, distributed_type in expected.items():
+        config = ClusterConfig.from_yaml_file(os.path.join(folder, name))
+        assert config.distributed_type == distributed_type, name
+    zero3 = ClusterConfig.from_yaml_file(os.path.join(folder, "deepspeed_zero3.yaml"))
+    assert zero3.deepspeed_config["zero_stage"] == 3
