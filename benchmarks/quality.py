@@ -78,6 +78,11 @@ import traceback
 from pathlib import Path
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from round_cost import demo_module, tiny_model_path  # noqa: E402
+
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
     "base",
@@ -191,14 +196,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 # The shared set-up: configurations, model, corpus, judges
 
 
-def demo_module():
-    """`examples/cadet_llama.py`, imported for its defaults, parser, corpus and SFT configuration."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import cadet_llama
-
-    return cadet_llama
-
-
 @dataclasses.dataclass
 class Context:
     options: dict
@@ -230,19 +227,6 @@ def base_defaults(options: dict) -> dict:
         if options[name] is not None:
             defaults[name] = options[name]
     return defaults
-
-
-def tiny_model_path(output_dir: str) -> str:
-    """The tiny Llama and tokenizer of the tests, saved once so that every row loads the same weights."""
-    path = os.path.join(output_dir, "tiny-llama")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_llama, build_tokenizer
-
-        tokenizer = build_tokenizer()
-        build_llama(tokenizer).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return path
 
 
 _CONTEXT: Context | None = None

@@ -59,6 +59,16 @@ def demo_module():
     return cadet_llama
 
 
+def tiny_model_path(output_dir: str) -> str:
+    """The tiny Llama and tokenizer of tests/conftest.py, saved once under `output_dir` so that every run of a benchmark
+    loads the same weights from a path."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import save_tiny_llama
+
+    return save_tiny_llama(os.path.join(output_dir, "tiny-llama"))
+
+
 def toy_oracle(prompts, completions, **kwargs) -> list[float]:
     """A stand-in judge for the tiny model's byte soup: satisfied when the text's checksum is even (about half)."""
     from trl_cadet.oracles import completion_text

@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from round_cost import demo_module, load_training_oracle  # noqa: E402
+from round_cost import demo_module, load_training_oracle, tiny_model_path  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,19 +101,6 @@ DEMO_FLAGS = (
     "eval_num_samples",
     "eval_max_new_tokens",
 )
-
-
-def tiny_model_path(output_dir: str) -> str:
-    """The tiny Llama and tokenizer of the tests, saved once so that both schedules load the same weights."""
-    path = os.path.join(output_dir, "tiny-llama")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_llama, build_tokenizer
-
-        tokenizer = build_tokenizer()
-        build_llama(tokenizer).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return path
 
 
 def make_round_clock(steps_per_round: int):

@@ -75,13 +75,19 @@ def tiny_llama(tokenizer):
     return build_llama(tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_path(tokenizer, tmp_path_factory):
-    """A tiny Llama and its tokenizer saved to disk, for the code paths that take a model path."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_llama(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def save_tiny_llama(path: str) -> str:
+    """The tiny Llama of `build_llama` and its tokenizer saved to `path` (once: a saved model is reused), for the code
+    paths that take a model path, the benchmarks' tiny rows included."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        tokenizer = build_tokenizer()
+        build_llama(tokenizer).save_pretrained(path)
+        tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="session", autouse=True)
