@@ -65,6 +65,34 @@ def build_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) 
     return model
 
 
+def tiny_cadet_config(output_dir, **overrides):
+    """A `CADETConfig` sized for the tiny Llama on CPU (2 rounds of 2 steps, a few short samples per round)."""
+    from trl_cadet import CADETConfig
+
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        max_steps=4,
+        steps_per_round=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        prompts_per_round=4,
+        num_generations=2,
+        max_completion_length=8,
+        generation_batch_size=8,
+        nado_batch_size=4,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return CADETConfig(**values)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

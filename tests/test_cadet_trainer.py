@@ -5,10 +5,11 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_cadet_config
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from trl_cadet import CADETConfig, CADETTrainer, NADOModel
+from trl_cadet import CADETTrainer, NADOModel
 from trl_cadet.decoding import NADOLogitsProcessor
 from trl_cadet.nado import target_logprobs
 from trl_cadet.oracle_phase import Samples
@@ -37,29 +38,7 @@ def no_bad_word(prompts, completions, **kwargs):
     return [0.0 if BAD_WORD in c[-1]["content"] else 1.0 for c in completions]
 
 
-def config(tmp_path, **overrides) -> CADETConfig:
-    values = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        max_steps=4,
-        steps_per_round=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        prompts_per_round=4,
-        num_generations=2,
-        max_completion_length=8,
-        generation_batch_size=8,
-        nado_batch_size=4,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return CADETConfig(**values)
+config = tiny_cadet_config  # the tests below and test_reliability.py build their configs with it
 
 
 def logged(trainer, key):

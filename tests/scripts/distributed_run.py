@@ -17,11 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from conftest import build_llama, build_tokenizer  # noqa: E402
+from conftest import build_llama, build_tokenizer, tiny_cadet_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from trl_cadet import CADETConfig, CADETTrainer  # noqa: E402
+from trl_cadet import CADETTrainer  # noqa: E402
 
 
 GOOD = {0, 2, 3, 5}  # prompts whose completions the toy oracle calls satisfying, so ranks see different rates
@@ -121,27 +121,14 @@ def main(output_dir: str) -> None:
                 }
             )
 
-    values = dict(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        max_steps=4,
-        steps_per_round=2,
+    settings = dict(
         per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=2,
         prompts_per_round=6,
-        num_generations=2,
         max_completion_length=6,
-        generation_batch_size=8,
-        nado_batch_size=4,
-        seed=0,
-        disable_tqdm=True,
     )
-    args = CADETConfig(**values)
+    args = tiny_cadet_config(output_dir, **settings)
     corpus = Dataset.from_list(
         [
             {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good morning"}]}
@@ -188,7 +175,7 @@ def main(output_dir: str) -> None:
         CADETTrainer(
             model=build_llama(tokenizer),
             oracle_funcs=prompt_oracle,
-            args=CADETConfig(**values, round_schedule="parallel"),
+            args=tiny_cadet_config(output_dir, **settings, round_schedule="parallel"),
             train_dataset=corpus,
             processing_class=tokenizer,
         )

@@ -19,11 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from conftest import build_llama, build_tokenizer  # noqa: E402
+from conftest import build_llama, build_tokenizer, tiny_cadet_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from trl_cadet import CADETConfig, CADETTrainer  # noqa: E402
+from trl_cadet import CADETTrainer  # noqa: E402
 
 
 def main(output_dir: str, mode: str) -> None:
@@ -56,24 +56,14 @@ def main(output_dir: str, mode: str) -> None:
             steps_run.append(state.global_step)
 
     tokenizer = build_tokenizer()
-    args = CADETConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
+    args = tiny_cadet_config(
+        output_dir,
         max_steps=6,
-        steps_per_round=2,
         per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=2,
         prompts_per_round=2,
-        num_generations=2,
         max_completion_length=6,
-        nado_batch_size=4,
-        seed=0,
-        disable_tqdm=True,
     )
     corpus = Dataset.from_list([{"text": f"hello there, you are number {i}"} for i in range(16)])
     trainer = CADETTrainer(
