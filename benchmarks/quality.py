@@ -30,9 +30,10 @@ Rows (`--rows` picks a subset):
   `CADETTrainer`.
 
 Every trained row uses the demo's LoRA, learning rate, batch size, scheduler and seed, and is evaluated like the demo's
-rows. Each row runs in a process of its own, so its peak memory is its own (forked from a parent that has only imported
-the libraries and built the corpus, when torch has no CUDA; a fresh interpreter otherwise). A row that fails records
-its error and the run goes on; the exit status is 1 when a row failed.
+rows. Each row runs in a process of its own, so its peak memory is its own: forked from a multiprocessing fork server
+that has only imported the libraries (a fresh interpreter where there is no fork server), never from this process,
+whose torch thread pool may already run (forking a running GNU OpenMP pool hangs the child at its first parallel
+operation). A row that fails records its error and the run goes on; the exit status is 1 when a row failed.
 
 Budgets (`--budget steps`, `--budget oracle_calls`, or `--budget both`, the default):
 
@@ -233,7 +234,7 @@ _CONTEXT: Context | None = None
 
 
 def get_context(options: dict, passthrough: list[str]) -> Context:
-    """Build the set-up once per process (forked rows inherit the parent's)."""
+    """Build the set-up once per process."""
     global _CONTEXT
     if _CONTEXT is not None:
         return _CONTEXT
@@ -707,11 +708,19 @@ def _child(run: dict, result_path: str, options: dict, passthrough: list[str]) -
         json.dump(result, f, indent=2, default=str)
 
 
-def start_method() -> str:
-    import torch
+# What the fork server imports once, so that each row skips importing them again (10+ s on a small CPU)
+PRELOAD = ["torch", "transformers", "datasets", "peft", "trl", "trl_cadet", "trl_cadet.cadet_trainer"]
 
-    # Forking skips re-importing torch/transformers/trl for every row (slow on small CPUs); a CUDA build forks unsafely
-    return "spawn" if torch.backends.cuda.is_built() else "fork"
+
+def start_method() -> str:
+    """A fork server where there is one: it forks each row from a process that has imported the libraries but never
+    run a torch operation, so neither a started OpenMP thread pool nor CUDA comes into the row."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    return "forkserver"
 
 
 def run_in_process(run: dict, options: dict, passthrough: list[str], method: str) -> dict:

@@ -156,3 +156,27 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
     assert found[("steps", "sft")]["run_id"] == found[("oracle_calls", "sft")]["run_id"]  # no oracle: run once
     assert "cadet" in result.stdout and "oracle calls" in result.stdout  # the table
     assert (tmp_path / "quality_steps.png").is_file() and (tmp_path / "quality_oracle_calls.png").is_file()
+
+
+def test_quality_rows_run_beside_a_started_thread_pool(tmp_path):
+    # With two torch threads the parent's set-up (loading the judges) starts OpenMP's worker pool; a row forked from
+    # it hung at its first parallel operation, so rows must come from a fork server or a fresh interpreter
+    result = run_benchmark(
+        "quality.py",
+        "--model",
+        "tiny",
+        "--budget",
+        "steps",
+        "--rows",
+        "base",
+        "--threads",
+        "2",
+        "--no_plot",
+        "--output_dir",
+        str(tmp_path),
+        timeout=240,
+    )
+    (row,) = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert row["error"] is None, row.get("traceback")
+    assert 0 < row["perplexity"] < float("inf")
+    assert "steps-base: done" in result.stdout
