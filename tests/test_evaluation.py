@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
@@ -28,7 +29,7 @@ from trl_cadet.oracles.base import completion_text
 from trl_cadet.oracles.registry import BUILTIN_ORACLES, load_oracle
 
 
-# Fixture builders (plain functions, to move into conftest.py later)
+# A tokenizer of its own: it adds BOS to plain text, which the perplexity tests need
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -66,21 +67,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_model(tokenizer) -> LlamaForCausalLM:
-    """A randomly initialised 2-layer Llama with hidden size 64, on the tokenizer's vocabulary."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    """The tests' tiny Llama (`conftest.build_llama`) on this file's tokenizer, in eval mode."""
+    return build_llama(tokenizer).eval()
 
 
 def save_tiny_classifier(path) -> str:
