@@ -103,6 +103,7 @@ BUDGETS = ("steps", "oracle_calls")
 TINY_DEFAULTS = {
     "num_train": 24,
     "num_heldout": 8,
+    "num_oracle_prompts": 8,
     "num_eval_prompts": 8,
     "eval_num_samples": 2,
     "eval_max_new_tokens": 16,
@@ -119,7 +120,6 @@ TINY_DEFAULTS = {
     "nado_batch_size": 8,
     "disable_tqdm": True,
 }
-TINY_ORACLE_PROMPTS = 8  # the demo's corpus has 64 oracle-phase prompts; `DemoArguments` has no option for them
 
 # Training hyperparameters that GRPO and DPO take from the demo's configuration; the rest keep TRL's defaults for
 # those trainers (e.g. `remove_unused_columns`, which GRPO needs off)
@@ -254,19 +254,7 @@ def get_context(options: dict, passthrough: list[str]) -> Context:
             from trl_cadet.demo import smollm2_path
 
             model_path = smollm2_path()
-    if options["model"] == "tiny" and demo_args.dataset_name is None:
-        from trl_cadet.demo import build_detox_corpus
-
-        corpus = build_detox_corpus(
-            num_train=demo_args.num_train,
-            toxic_share=demo_args.toxic_share,
-            num_heldout=demo_args.num_heldout,
-            num_oracle_prompts=TINY_ORACLE_PROMPTS,
-            num_eval_prompts=demo_args.num_eval_prompts,
-            seed=config.seed,
-        )
-    else:
-        corpus = demo.load_corpus(demo_args, config.seed)
+    corpus = demo.load_corpus(demo_args, config.seed)
     context.demo_args, context.config, context.model_args = demo_args, config, model_args
     context.model_path = model_path
     # As the demo sets them for its trainers
