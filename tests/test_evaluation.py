@@ -375,6 +375,29 @@ def test_cli_evaluate_and_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("perplexities, scale", [((3.75, 5.9), "linear"), ((3.75, 89.5), "log")])
+def test_plot_reports_puts_perplexities_an_order_apart_on_a_log_axis(tmp_path, monkeypatch, perplexities, scale):
+    import matplotlib.pyplot as plt
+
+    from trl_cadet.cli import plot_reports
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    entries = [
+        {
+            "label": f"m{i}",
+            "lambda": None,
+            "report": {"toxicity": {"j": {"expected_max_toxicity": 0.1}}, "perplexity": p},
+        }
+        for i, p in enumerate(perplexities)
+    ]
+    plot_reports(entries, str(tmp_path / "plot.png"))
+    (figure,) = figures
+    assert figure.axes[0].get_xscale() == scale
+    assert (tmp_path / "plot.png").is_file()
+
+
 def test_cli_demo_sets_are_the_demo_splits():
     from trl_cadet.cli import load_prompts, load_texts
     from trl_cadet.demo import DEMO_CORPUS_KWARGS, build_detox_corpus

@@ -285,6 +285,9 @@ def plot_reports(entries: list[dict[str, Any]], output: str, judges: list[str] |
             for entry, x, y in zip(with_ppl, xs, ys, strict=True):
                 if not math.isnan(y):
                     ax.annotate(entry["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        perplexities = [ppl(e) for e in with_ppl]
+        if max(perplexities) >= 10 * min(perplexities):  # e.g. a base model beside fine-tuned ones
+            ax.set_xscale("log")
         ax.set_xlabel("Perplexity (held-out text)")
         ax.set_title("Toxicity vs perplexity")
     else:  # no perplexity in any report: toxicity per model
