@@ -38,9 +38,6 @@ def no_bad_word(prompts, completions, **kwargs):
     return [0.0 if BAD_WORD in c[-1]["content"] else 1.0 for c in completions]
 
 
-config = tiny_cadet_config  # the tests below and test_reliability.py build their configs with it
-
-
 def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
@@ -73,7 +70,7 @@ def test_training_changes_parameters_and_logs_every_metric(tokenizer, tiny_llama
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path, round_schedule=schedule, max_steps=6),
+        args=tiny_cadet_config(tmp_path, round_schedule=schedule, max_steps=6),
         train_dataset=corpus(),
         processing_class=tokenizer,
     )
@@ -103,7 +100,7 @@ def test_nado_staleness_per_schedule(tokenizer, tiny_llama, tmp_path, schedule, 
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path, round_schedule=schedule, max_steps=8),
+        args=tiny_cadet_config(tmp_path, round_schedule=schedule, max_steps=8),
         train_dataset=corpus(),
         processing_class=tokenizer,
         callbacks=[Record()],
@@ -131,7 +128,7 @@ def test_parallel_schedule_overlaps_the_two_phases(tokenizer, tiny_llama, tmp_pa
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=slow_oracle,
-        args=config(tmp_path, round_schedule="parallel", max_steps=12, steps_per_round=6),
+        args=tiny_cadet_config(tmp_path, round_schedule="parallel", max_steps=12, steps_per_round=6),
         train_dataset=corpus(),
         processing_class=tokenizer,
         callbacks=[Record()],
@@ -148,7 +145,9 @@ def _sft_warm_start(tokenizer, tiny_llama, tmp_path):
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path / "warm", cadet_lambda=0.0, max_steps=40, steps_per_round=40, learning_rate=1e-2),
+        args=tiny_cadet_config(
+            tmp_path / "warm", cadet_lambda=0.0, max_steps=40, steps_per_round=40, learning_rate=1e-2
+        ),
         train_dataset=corpus(),
         processing_class=tokenizer,
     )
@@ -179,7 +178,7 @@ def test_cadet_lowers_the_penalised_word_versus_plain_sft(tokenizer, tiny_llama,
         trainer = CADETTrainer(
             model=warm,
             oracle_funcs=no_bad_word,
-            args=config(
+            args=tiny_cadet_config(
                 tmp_path / f"lambda-{lam}",
                 cadet_lambda=lam,
                 max_steps=24,
@@ -204,7 +203,7 @@ def test_lora_trains_adapters_only(tokenizer, tiny_llama, tmp_path):
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path),
+        args=tiny_cadet_config(tmp_path),
         train_dataset=corpus(),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
@@ -224,7 +223,7 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
     trainer = CADETTrainer(
         model=tiny_llama_path,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path),
+        args=tiny_cadet_config(tmp_path),
         train_dataset=corpus(),
         processing_class=tokenizer,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
@@ -245,7 +244,7 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
         trainer = CADETTrainer(
             model=build_llama(tokenizer),
             oracle_funcs=no_bad_word,
-            args=config(
+            args=tiny_cadet_config(
                 output_dir,
                 round_schedule=schedule,
                 max_steps=8,
@@ -275,7 +274,7 @@ def test_save_model_writes_nado_and_model_card(tokenizer, tiny_llama, tmp_path):
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path),
+        args=tiny_cadet_config(tmp_path),
         train_dataset=corpus(),
         processing_class=tokenizer,
     )
@@ -328,7 +327,7 @@ def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=config(tmp_path, regularized_positions=positions),
+        args=tiny_cadet_config(tmp_path, regularized_positions=positions),
         train_dataset=corpus(),
         processing_class=tokenizer,
     )

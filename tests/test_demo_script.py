@@ -72,7 +72,8 @@ def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):
 
 
 def test_the_shipped_accelerate_configs_load():
-    """accelerate reads every config in `examples/accelerate_configs/` (it refuses unknown keys) as the launch it names."""
+    """accelerate reads every config in `examples/accelerate_configs/` (it refuses unknown keys) as the launch it
+    names."""
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import DistributedType
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_llama, build_tokenizer
+from conftest import build_llama, build_tokenizer, tiny_cadet_config
 from datasets import Dataset
-from test_cadet_trainer import BAD_WORD, config, corpus, logged, no_bad_word
+from test_cadet_trainer import BAD_WORD, corpus, logged, no_bad_word
 from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -34,7 +34,7 @@ def build(tmp_path, tokenizer, model=None, oracle=no_bad_word, train_dataset=Non
     return CADETTrainer(
         model=model if model is not None else build_llama(tokenizer),
         oracle_funcs=oracle,
-        args=config(tmp_path, **kwargs),
+        args=tiny_cadet_config(tmp_path, **kwargs),
         train_dataset=train_dataset if train_dataset is not None else corpus(),
         processing_class=tokenizer,
         **extra,
@@ -83,7 +83,7 @@ def test_bad_datasets_fail_before_the_model_is_loaded(tokenizer, tmp_path, train
         CADETTrainer(
             model=NO_MODEL,
             oracle_funcs=no_bad_word,
-            args=config(tmp_path),
+            args=tiny_cadet_config(tmp_path),
             train_dataset=corpus() if train_dataset is None else dataset(train_dataset),
             prompt_dataset=None if prompt_dataset is None else dataset(prompt_dataset),
             processing_class=tokenizer,
@@ -114,7 +114,7 @@ def test_a_tokenizer_without_pad_or_eos_token_fails_first(tmp_path):
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match=r"neither a pad token nor an EOS token.*Set `pad_token`"):
         CADETTrainer(
-            model=NO_MODEL, oracle_funcs=no_bad_word, args=config(tmp_path), train_dataset=corpus(),
+            model=NO_MODEL, oracle_funcs=no_bad_word, args=tiny_cadet_config(tmp_path), train_dataset=corpus(),
             processing_class=tokenizer,
         )  # fmt: skip
 
@@ -147,7 +147,7 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
 )
 def test_contradictory_config_values(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        config(tmp_path, **overrides)
+        tiny_cadet_config(tmp_path, **overrides)
 
 
 def test_oracle_weights_must_match_the_oracles(tokenizer, tmp_path):
@@ -269,7 +269,7 @@ def _run(
     trainer = CADETTrainer(
         model=build_llama(tokenizer),
         oracle_funcs=oracle,
-        args=config(output_dir, **values),
+        args=tiny_cadet_config(output_dir, **values),
         train_dataset=corpus(),
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
