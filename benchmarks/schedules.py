@@ -3,7 +3,8 @@ final quality.
 
 Both runs are the demo's (`examples/cadet_llama.py`: its corpus from `build_detox_corpus`, conversational, with its
 oracle-phase prompts; its `DEMO_DEFAULTS`, LoRA included; its seed), with the same model, prompts, seeds and number of
-steps; only `round_schedule` differs. The default is the demo's: 30 steps in 3 rounds of 10. Any other option of the demo can be added to the command line (e.g. `--cadet_lambda 2`).
+steps; only `round_schedule` differs. The default is the demo's: 30 steps in 3 rounds of 10. Any other option of the
+demo can be added to the command line (e.g. `--cadet_lambda 2`).
 
 Schedules (METHOD.md, "Rounds: sequential and parallel"): round k has an oracle phase O_k (sample, label, train the
 NADO model) and a fine-tuning phase F_k. Sequential: O_k, then F_k with its NADO; a round costs O + F. Parallel:
@@ -65,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES = ("sequential", "parallel")
 JUDGES = ("jigsaw", "profanity")
 
-# The demo's defaults (30 steps in rounds of 10), stated here so that the benchmark keeps them if the demo changes
+# The demo's rounds of 10 steps, stated here so that the benchmark keeps them if the demo changes
 SMOLLM2_DEFAULTS = {"steps_per_round": 10}
 # A smoke test on the tiny Llama: a few steps, samples and evaluation prompts, short completions
 TINY_DEFAULTS = {
