@@ -49,6 +49,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 from trl_cadet import CADETConfig, CADETTrainer
 from trl_cadet.evaluation import evaluate_model
 from trl_cadet.oracles import load_oracle
+from trl_cadet.trainability import keep_4bit_layers_trainable
 
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
         if sft.accelerator.is_main_process:
             # Before training (and with LoRA's zero-initialised B) this is exactly the base model
             reports.append(evaluate(sft.model, "base"))
+            # Evaluating in eval mode can leave 4-bit weights in a layout gradients do not flow through
+            keep_4bit_layers_trainable(sft.model)
         sft.train()
         if sft.accelerator.is_main_process:
             reports.append(evaluate(sft.model, "sft"))

@@ -35,6 +35,7 @@ from .oracle_phase import (
     tokenize_prompts,
 )
 from .oracles.registry import load_oracle
+from .trainability import NoGradientWarning, keep_4bit_layers_trainable
 
 
 logger = logging.getLogger(__name__)
@@ -351,6 +352,10 @@ class CADETTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
         self.oracle_funcs = oracle_funcs
+        # The oracle phase runs the policy in eval mode, which on some CPUs makes bitsandbytes repack 4-bit weights
+        # into a layout gradients do not flow through
+        keep_4bit_layers_trainable(self.model)
+        self.add_callback(NoGradientWarning())
         if tokenizer is None:  # loaded by SFTTrainer from the model's path
             tokenizer = self._tokenizer
             self._check_pad_token(tokenizer, args)
@@ -820,7 +825,9 @@ class CADETTrainer(SFTTrainer):
             )
         elif self._nado_train is not self.nado:
             self._nado_train.load_state_dict(self.nado.state_dict())
-        optimizer_state = torch.load(os.path.join(checkpoint, NADO_OPTIMIZER_NAME), map_location=self._oracle_device)
+        optimizer_state = torch.load(
+            os.path.join(checkpoint, NADO_OPTIMIZER_NAME), map_location=self._oracle_device, weights_only=True
+        )
         self.nado_optimizer.load_state_dict(optimizer_state)
         self.cadet_lambda = state["cadet_lambda"]
         self.current_round = state["current_round"]
