@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
@@ -151,12 +152,19 @@ class DetoxifyOracle(ToxicityOracle):
         from detoxify import Detoxify
         from detoxify.detoxify import MODEL_URLS
 
-        if self.checkpoint is None:
-            loaded = torch.hub.load_state_dict_from_url(
-                MODEL_URLS[self.model_type], map_location=self.device, weights_only=False
-            )
-        else:
-            loaded = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+        # Weights only: a checkpoint is data, and unpickling arbitrary objects would run code from the file
+        try:
+            if self.checkpoint is None:
+                loaded = torch.hub.load_state_dict_from_url(
+                    MODEL_URLS[self.model_type], map_location=self.device, weights_only=True
+                )
+            else:
+                loaded = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"`{self.checkpoint}` is not a Detoxify checkpoint made of tensors and plain data, so it was not "
+                f"loaded ({str(error).splitlines()[0]}). Pass a checkpoint saved by Detoxify."
+            ) from error
         if "config" not in loaded or "state_dict" not in loaded:
             raise ValueError(
                 f"`{self.checkpoint}` is not a Detoxify checkpoint: it must hold the `config` it was trained with and "
