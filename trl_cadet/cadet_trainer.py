@@ -18,10 +18,10 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
-from trl.data_utils import maybe_convert_to_chatml
 from trl.models import unwrap_model_for_generation
 
 from .cadet_config import CADETConfig
+from .data_utils import check_corpus_columns, extract_prompts, prompt_column
 from .modeling_nado import NADOConfig, NADOModel
 from .nado import cadet_kl, regularized_mask
 from .oracle_phase import (
@@ -56,72 +56,6 @@ CITATION = """\
     year      = 2024,
     eprint    = {arXiv:2410.05559}
 }"""
-
-
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    return dataset.column_names or list(next(iter(dataset)).keys())
-
-
-def prompt_column(dataset: Dataset | IterableDataset, text_field: str = "text", name: str = "dataset") -> str:
-    """The column the oracle phase takes its prompts from, or a `ValueError` saying what to change."""
-    columns = _column_names(dataset)
-    for column in ("prompt", "messages", "conversations", text_field, "input_ids"):
-        if column in columns:
-            return column
-    raise ValueError(
-        f"Cannot find prompts for the oracle phase in the {name}, whose columns are {columns}. Give it a 'prompt' "
-        f"column (standard or conversational), a conversational 'messages' column or a text column named "
-        f"{text_field!r} (`dataset_text_field`), or pass `prompt_dataset=` with a 'prompt' column."
-    )
-
-
-def check_corpus_columns(dataset: Dataset | IterableDataset, text_field: str = "text") -> None:
-    """Raise, before `SFTTrainer` tokenizes anything, when no column of the corpus is one it can train on."""
-    columns = _column_names(dataset)
-    if {"messages", "conversations", text_field, "input_ids"} & set(columns):
-        return
-    if "prompt" in columns and "completion" in columns:
-        return
-    if "prompt" in columns:
-        raise ValueError(
-            f"The train_dataset has a 'prompt' column but no 'completion' column (columns: {columns}), so there is "
-            "nothing to fine-tune on. Pass the corpus as `train_dataset` (text, 'messages', or 'prompt' and "
-            "'completion' columns) and a prompt-only dataset as `prompt_dataset=`."
-        )
-    raise ValueError(
-        f"The train_dataset has columns {columns}, none of which SFTTrainer can train on. Name the text column "
-        f"{text_field!r} or set `dataset_text_field` to its name, use a conversational 'messages' column or "
-        "'prompt' and 'completion' columns, or pass a `formatting_func`."
-    )
-
-
-def extract_prompts(
-    dataset: Dataset | IterableDataset, processing_class, corpus_prompt_length: int, text_field: str = "text"
-) -> list[Any]:
-    """Prompts for the oracle phase, from a prompt dataset or from the corpus itself.
-
-    A `prompt` column is used as is (standard or conversational). A conversational `messages` (or ShareGPT-style
-    `conversations`) column gives the conversation up to its last assistant turn. A text column (`text_field`) or a
-    tokenized `input_ids` column gives its first `corpus_prompt_length` tokens.
-    """
-    column = prompt_column(dataset, text_field)
-    prompts: list[Any] = []
-    for example in dataset:
-        if column == "prompt":
-            prompts.append(example["prompt"])
-        elif column in ("messages", "conversations"):
-            messages = maybe_convert_to_chatml(example)["messages"] if column == "conversations" else example[column]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if last:
-                prompts.append(messages[:last])
-        else:
-            ids = example["input_ids"] if column == "input_ids" else None
-            if ids is None:
-                ids = processing_class(text=example[column], add_special_tokens=False)["input_ids"]
-            ids = ids[:corpus_prompt_length]
-            if ids:
-                prompts.append(processing_class.decode(ids, skip_special_tokens=column == "input_ids"))
-    return [p for p in prompts if p]
 
 
 def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase | None:
