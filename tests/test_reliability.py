@@ -9,10 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_llama, build_tokenizer, tiny_cadet_config
@@ -23,6 +25,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_cadet import CADETTrainer, NADOModel
 from trl_cadet.cadet_trainer import STAGING_DIR, last_complete_checkpoint
+from trl_cadet.oracles.base import check_scores
 
 
 NO_MODEL = "no-such-org/no-such-model"  # an error raised with this model was raised before any model was loaded
@@ -30,6 +33,7 @@ KILL_SCRIPT = Path(__file__).parent / "scripts" / "kill_run.py"
 
 
 def build(tmp_path, tokenizer, model=None, oracle=no_bad_word, train_dataset=None, **kwargs):
+    kwargs.setdefault("oracle_retry_delay", 0.0)  # the tests of retries wait only where they check the wait
     extra = {k: kwargs.pop(k) for k in ("prompt_dataset", "nado_model", "data_collator") if k in kwargs}
     return CADETTrainer(
         model=model if model is not None else build_llama(tokenizer),
@@ -159,23 +163,61 @@ def test_oracle_weights_must_match_the_oracles(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "scores,error,match",
+    "scores,match",
     [
-        (lambda n: [1.0] * (n - 1), ValueError, r"returned \d+ scores for \d+ completions"),
-        (lambda n: [2.0] * n, ValueError, r"returned 2.0, outside \[0, 1\].*`1 - p`"),
-        (lambda n: ["yes"] * n, TypeError, r"returned 'yes' \(str\) as a score"),
-        (lambda n: None, TypeError, r"returned NoneType; it must return a list"),
+        (lambda n: [1.0] * (n - 1), r"ValueError: The oracle `oracle` returned \d+ scores for \d+ completions"),
+        (lambda n: [2.0] * n, r"returned 2.0, outside \[0, 1\].*`1 - p`"),
+        (lambda n: ["yes"] * n, r"TypeError: The oracle `oracle` returned 'yes' \(str\) as a score"),
+        (lambda n: None, r"returned NoneType; it must return a list"),
+        (lambda n: dict.fromkeys(range(n), 1.0), r"returned dict; it must return a list"),
+        (lambda n: "10" * (n // 2), r"returned str; it must return a list"),
+        (lambda n: ["0.3"] * n, r"returned '0.3' \(str\) as a score; each score must be a real number"),
+        (lambda n: [None] * n, r"returned None or NaN for every completion"),
     ],
-    ids=["wrong-count", "out-of-range", "not-a-number", "not-a-list"],
+    ids=["wrong-count", "out-of-range", "not-a-number", "not-a-list", "dict", "string", "digit-strings", "all-none"],
 )
-def test_malformed_oracle_output_stops_training_at_the_first_phase(tokenizer, tmp_path, scores, error, match):
+def test_malformed_oracle_output_stops_training_at_the_first_phase(tokenizer, tmp_path, scores, match):
     def oracle(prompts, completions, **kwargs):
         return scores(len(completions))
 
     trainer = build(tmp_path, tokenizer, oracle=oracle)
-    with pytest.raises(error, match=match):
+    with pytest.raises(
+        RuntimeError, match=r"No sample of the first oracle phase \(round 0\) could be labelled.*" + match
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_scores_of_every_real_number_type_are_accepted():
+    n = 4
+    expected = [1.0, 0.0, 0.5, None]
+    for scores in (
+        [True, False, 0.5, None],
+        [1, 0, 0.5, math.nan],
+        np.array([1.0, 0.0, 0.5, np.nan]),
+        torch.tensor([1.0, 0.0, 0.5, math.nan]),
+        [torch.tensor(1.0), np.int64(0), np.float32(0.5), None],
+        (1.0, 0.0, 0.5, None),
+    ):
+        assert check_scores("oracle", scores, n) == expected, scores
+
+
+def test_a_malformed_result_later_in_training_is_dropped_like_a_failure(tokenizer, tmp_path, caplog):
+    calls = []
+
+    def breaks_later(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        scores = no_bad_word(prompts, completions)
+        return scores if len(calls) == 1 else scores[:-1]  # from round 1 on, one score short
+
+    trainer = build(tmp_path, tokenizer, oracle=breaks_later, max_steps=4, oracle_max_retries=1)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert len(calls) == 1 + 2  # round 1 retried once
+    assert logged(trainer, "oracle/dropped") == [0.0, 8.0]
+    assert logged(trainer, "oracle/failures") == [0.0, 2.0]
+    assert "failed 2 time(s) (ValueError: The oracle `breaks_later` returned 7 scores for 8" in caplog.text
 
 
 def test_nan_and_none_scores_drop_their_samples(tokenizer, tmp_path):
@@ -194,7 +236,7 @@ def test_an_oracle_that_never_works_stops_training_with_its_error(tokenizer, tmp
         return [0.0 if BAD_WORD in c["content"] else 1.0 for c in completions]
 
     trainer = build(tmp_path, tokenizer, oracle=broken)
-    with pytest.raises(RuntimeError, match=r"raised on every attempt in the first oracle phase.*list indices must"):
+    with pytest.raises(RuntimeError, match=r"first oracle phase \(round 0\).*raised.*list indices must"):
         trainer.train()
 
 
@@ -247,6 +289,73 @@ def test_an_oracle_that_goes_down_drops_samples_and_training_goes_on(tokenizer, 
     assert "failed 2 time(s) (TimeoutError: judge timed out); dropping the 8 samples" in caplog.text
     assert "Every sample of the oracle phase of round 1 was dropped" in caplog.text
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_retries_back_off(tokenizer, tmp_path):
+    times = []
+
+    def warming_up(prompts, completions, **kwargs):
+        times.append(time.monotonic())
+        if len(times) <= 2:
+            raise ConnectionError("judge is loading")
+        return no_bad_word(prompts, completions)
+
+    trainer = build(tmp_path, tokenizer, oracle=warming_up, max_steps=2, oracle_max_retries=2, oracle_retry_delay=0.2)
+    trainer.train()
+    assert len(times) == 3 and logged(trainer, "oracle/failures") == [2.0]
+    assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.4  # the delay doubles
+
+
+def test_an_oracle_call_that_hangs_times_out_and_is_retried(tokenizer, tmp_path, caplog):
+    release = threading.Event()
+    calls = []
+
+    def hangs_once(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        if len(calls) == 1:
+            release.wait(30)  # a judge that never answers
+        return no_bad_word(prompts, completions)
+
+    trainer = build(tmp_path, tokenizer, oracle=hangs_once, max_steps=2, oracle_timeout=0.5)
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer.train()
+    finally:
+        release.set()
+    assert time.monotonic() - started < 20
+    assert (
+        len(calls) == 2 and logged(trainer, "oracle/failures") == [1.0] and logged(trainer, "oracle/dropped") == [0.0]
+    )
+    assert trainer.state.global_step == 2
+
+
+def test_ctrl_c_stops_the_parallel_schedule_while_an_oracle_hangs(tokenizer, tmp_path):
+    """Ctrl-C while round 1's background phase waits on a hung oracle: train() returns at once, checkpoint-2 is whole."""
+    release = threading.Event()
+    calls = []
+
+    def hangs_in_round_1(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        if len(calls) > 1:
+            release.wait(60)
+        return no_bad_word(prompts, completions)
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                time.sleep(0.3)  # the background phase is waiting on the oracle by now
+                os.kill(os.getpid(), signal.SIGINT)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(tokenizer, tmp_path, "parallel", oracle=hangs_in_round_1, callbacks=[CtrlC()])
+    finally:
+        release.set()
+    assert time.monotonic() - started < 40
+    assert len(calls) == 2
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
 
 
 # Resume

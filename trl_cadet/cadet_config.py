@@ -30,7 +30,15 @@ class CADETConfig(SFTConfig):
         oracle_max_retries (`int`, *optional*, defaults to `2`):
             How many times an oracle that raises is called again before the samples of that batch are dropped and
             counted in `oracle/dropped`. An oracle that fails every attempt of the first oracle phase, having never
-            returned scores, stops training with its error instead.
+            returned scores, stops training with its error instead. A malformed result (a wrong number of scores, a
+            score that is not a real number) counts as a failure too.
+        oracle_timeout (`float` or `None`, *optional*, defaults to `None`):
+            Seconds an oracle call may take. A call that takes longer counts as a failure: it is retried
+            (`oracle_max_retries`), then the samples of that batch are dropped. The hung call is abandoned in a
+            background thread (Python cannot stop it). `None` waits as long as the oracle takes.
+        oracle_retry_delay (`float`, *optional*, defaults to `1.0`):
+            Seconds to wait before retrying a failed oracle call, doubled at each further retry, so that a judge that is
+            warming up or rate-limited gets time to recover.
 
         > Parameters that control sampling in the oracle phase
 
@@ -128,6 +136,14 @@ class CADETConfig(SFTConfig):
     oracle_max_retries: int = field(
         default=2,
         metadata={"help": "Retries of an oracle that raises before the samples of that batch are dropped."},
+    )
+    oracle_timeout: float | None = field(
+        default=None,
+        metadata={"help": "Seconds an oracle call may take before it counts as a failure. None waits for it."},
+    )
+    oracle_retry_delay: float = field(
+        default=1.0,
+        metadata={"help": "Seconds before retrying a failed oracle call, doubled at each further retry."},
     )
 
     # Parameters that control sampling in the oracle phase
@@ -292,6 +308,13 @@ class CADETConfig(SFTConfig):
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.oracle_max_retries < 0:
             raise ValueError(f"`oracle_max_retries` must be non-negative, got {self.oracle_max_retries}.")
+        if self.oracle_retry_delay < 0:
+            raise ValueError(f"`oracle_retry_delay` must be non-negative, got {self.oracle_retry_delay}.")
+        if self.oracle_timeout is not None and not self.oracle_timeout > 0:
+            raise ValueError(
+                f"`oracle_timeout` must be positive, or None to wait as long as the oracle takes, got "
+                f"{self.oracle_timeout}."
+            )
         if self.oracle_weights is not None and (
             any(w < 0 for w in self.oracle_weights) or not sum(self.oracle_weights) > 0
         ):

@@ -6,8 +6,9 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from .oracle_phase import (
     snapshot_policy,
     tokenize_prompts,
 )
+from .oracles.base import OraclePhaseStopped
 from .oracles.registry import load_oracle
 from .trainability import NoGradientWarning, keep_4bit_layers_trainable
 
@@ -360,6 +362,7 @@ class CADETTrainer(SFTTrainer):
         self.oracle_calls = 0
         self._latest_samples = Samples()
         self._pending: Future | PhaseResult | None = None
+        self._stop_phase = threading.Event()  # set when training stops early, to end a background phase promptly
         self._snapshot: PreTrainedModel | None = None
         self._round_started_at: float | None = None
         self._round_blocking = 0.0
@@ -445,6 +448,7 @@ class CADETTrainer(SFTTrainer):
             # Bars for the phases that hold training up (`gather` is None only in the background, whose bars would
             # tangle with the trainer's)
             progress=gather is not None and self.accelerator.is_main_process and not self.args.disable_tqdm,
+            stop=self._stop_phase if gather is None else None,
         )
         if gather is not None and self.accelerator.num_processes > 1:
             # Each process trained its copy on the same samples; make the copies bitwise identical whatever the
@@ -506,12 +510,17 @@ class CADETTrainer(SFTTrainer):
         """Make the NADO trained by `result`'s phase the one the regulariser uses, and update λ."""
         if self._nado_train is not self.nado:
             self.nado.load_state_dict(self._nado_train.state_dict())
-        if result.satisfaction is None and result.metrics.get("oracle/failures", 0) and self.nado_source_round is None:
+        if result.satisfaction is None and self.nado_source_round is None:
             # Retrying and dropping is for a judge that fails now and then; one that has never answered is broken
+            why = (
+                f"the oracles raised, timed out or returned malformed scores on every attempt: "
+                f"{'; '.join(dict.fromkeys(result.errors))}"
+                if result.errors
+                else "the oracles returned None or NaN for every completion"
+            )
             raise RuntimeError(
-                f"The oracles raised on every attempt in the first oracle phase (round {result.round}), so no sample "
-                f"could be labelled: {'; '.join(dict.fromkeys(result.errors)) or 'see the warnings above'}. An oracle "
-                "that has never returned scores is broken or unreachable rather than failing transiently, so training "
+                f"No sample of the first oracle phase (round {result.round}) could be labelled: {why}. An oracle that "
+                "has never returned a score is broken or unreachable rather than failing transiently, so training "
                 "stops here instead of running without a constraint. Fix the oracle (call it on a few completions to "
                 "check it) or make the judge reachable; failures later in training are retried "
                 "(`oracle_max_retries`), then their samples are dropped and counted in `oracle/dropped`."
@@ -782,8 +791,22 @@ class CADETTrainer(SFTTrainer):
                 )
         if resume_from_checkpoint:
             self._load_cadet_state(resume_from_checkpoint)
+        self._stop_phase.clear()
+        stopping = False
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except BaseException:
+            # Ctrl-C or an error: end a background phase at its next check instead of waiting for it to finish (a
+            # hung oracle would never let go); the checkpoints already written are complete
+            stopping = True
+            self._stop_phase.set()
+            raise
         finally:
             if isinstance(self._pending, Future):
-                self._pending.result()  # never leave a thread writing into the NADO model behind
+                # Never leave a thread writing into the NADO model behind
+                if not stopping:
+                    self._pending.result()
+                else:
+                    wait([self._pending])
+                    if isinstance(self._pending.exception(), OraclePhaseStopped):
+                        self._pending = None

@@ -16,7 +16,7 @@ from trl.data_utils import maybe_apply_chat_template
 
 from .modeling_nado import NADOModel
 from .nado import importance_weights, nado_loss, sequence_logprobs
-from .oracles.base import call_oracles
+from .oracles.base import OraclePhaseStopped, call_oracles
 
 
 @dataclass
@@ -179,6 +179,7 @@ def sample_completions(
     batch_size: int,
     seed: int,
     progress: bool = False,
+    stop=None,
 ) -> list[list[int]]:
     """`num_generations` completions per prompt (grouped by prompt), each cut after its first EOS token.
 
@@ -200,6 +201,8 @@ def sample_completions(
         torch.manual_seed(seed)
         starts = range(0, len(repeated), batch_size)
         for start in tqdm(starts, desc="Oracle phase: sampling", unit="batch", disable=not progress, leave=False):
+            if stop is not None and stop.is_set():
+                raise OraclePhaseStopped("Training was stopped during the oracle phase.")
             input_ids, attention_mask = pad_left(repeated[start : start + batch_size], pad_token_id, device)
             output = policy.generate(
                 input_ids=input_ids,
@@ -231,6 +234,9 @@ def label_samples(
     threshold: float,
     max_retries: int,
     progress: bool = False,
+    timeout: float | None = None,
+    retry_delay: float = 1.0,
+    stop=None,
 ) -> Labelling:
     """Decode, score and label completions; returns the kept samples and what the oracles reported."""
     texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
@@ -247,6 +253,9 @@ def label_samples(
         weights=oracle_weights,
         max_retries=max_retries,
         progress=progress,
+        timeout=timeout,
+        retry_delay=retry_delay,
+        stop=stop,
     )
     samples = Samples()
     for i, score in enumerate(result.scores):
@@ -478,11 +487,14 @@ def run_oracle_phase(
     round_index: int,
     gather=None,
     progress: bool = False,
+    stop=None,
 ) -> PhaseResult:
     """Sample from `policy`, label with `oracles`, and train `nado` in place. `args` is a `CADETConfig`.
 
     `gather`, when given, merges the `Labelling` of all processes (each process samples its share of the prompts) so
-    that every process trains the NADO model on the same data and logs the phase's global metrics.
+    that every process trains the NADO model on the same data and logs the phase's global metrics. `stop`, a
+    `threading.Event`, ends the phase early with `OraclePhaseStopped` once set (checked between sampling batches and
+    while waiting for the oracles).
     """
     start = time.perf_counter()
     was_training = policy.training
@@ -500,6 +512,7 @@ def run_oracle_phase(
             batch_size=args.generation_batch_size,
             seed=seed,
             progress=progress,
+            stop=stop,
         )
         generated = time.perf_counter()
         labelling = label_samples(
@@ -514,7 +527,12 @@ def run_oracle_phase(
             threshold=args.oracle_threshold,
             max_retries=args.oracle_max_retries,
             progress=progress,
+            timeout=args.oracle_timeout,
+            retry_delay=args.oracle_retry_delay,
+            stop=stop,
         )
+        if stop is not None and stop.is_set():
+            raise OraclePhaseStopped("Training was stopped during the oracle phase.")
         if gather is not None:
             labelling = gather(labelling)
         samples, metrics = labelling.samples, labelling.metrics()

@@ -9,10 +9,14 @@ conversational data, as in `GRPOTrainer`.
 
 import logging
 import math
+import numbers
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 
@@ -79,41 +83,85 @@ class OracleScores:
     errors: list[str] = field(default_factory=list)
 
 
+class OraclePhaseStopped(Exception):
+    """Raised in the oracle phase when training was stopped (e.g. by Ctrl-C) while an oracle was still running."""
+
+
+def _as_score(name: str, value: Any) -> float | None:
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars, 0-d arrays and tensors
+        value = value.item()
+    if value is None:
+        return None
+    # Only real numbers: a string such as "0.3" or a dict key is a bug in the oracle, not a score
+    if not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"The oracle `{name}` returned {value!r} ({type(value).__name__}) as a score; each score must be a real "
+            "number in [0, 1] (a float, int or bool), or None/NaN to drop the sample."
+        )
+    value = float(value)
+    if math.isnan(value):
+        return None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"The oracle `{name}` returned {value}, outside [0, 1]. CADET oracles return a satisfaction score: "
+            "1 when the completion satisfies the constraint, 0 when it violates it. Rescale the output (for a "
+            "toxicity probability `p`, return `1 - p`; for a logit, apply a sigmoid)."
+        )
+    return value
+
+
 def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
-    if scores is None or not hasattr(scores, "__len__"):
+    """The scores an oracle returned, checked: a list (or tuple, array, tensor) of `n` real numbers in `[0, 1]`, or
+    None/NaN for no verdict. Anything else raises an error naming what was received."""
+    if not isinstance(scores, list | tuple) and hasattr(scores, "tolist"):  # numpy arrays, tensors, pandas Series
+        scores = scores.tolist()
+    # A dict would be read by its keys and a string character by character: refuse both, and anything unordered
+    if not isinstance(scores, list | tuple):
         raise TypeError(
             f"The oracle `{name}` returned {type(scores).__name__}; it must return a list with one float per "
-            "completion (None to drop a sample)."
+            "completion, in order (None to drop a sample)."
         )
-    scores = list(scores)
     if len(scores) != n:
         raise ValueError(
             f"The oracle `{name}` returned {len(scores)} scores for {n} completions. An oracle must return exactly "
             "one score per completion, in order (None for a sample it cannot judge)."
         )
-    checked = []
-    for value in scores:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            checked.append(None)
-            continue
+    return [_as_score(name, value) for value in scores]
+
+
+def _call_oracle(
+    oracle: OracleFunc, timeout: float | None, stop: threading.Event | None, kwargs: dict[str, Any]
+) -> Any:
+    """Call `oracle(**kwargs)`, giving up after `timeout` seconds (TimeoutError) or when `stop` is set.
+
+    With a timeout or a stop event the call runs in a daemon thread. Python cannot end a thread, so a call that hangs
+    is abandoned, not stopped: it no longer holds training up, and ends with the process.
+    """
+    if timeout is None and stop is None:
+        return oracle(**kwargs)
+    outcome: dict[str, Any] = {}
+    grad_enabled = torch.is_grad_enabled()  # grad mode is per thread
+
+    def target():
         try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"The oracle `{name}` returned {value!r} ({type(value).__name__}) as a score; each score must be a "
-                "number in [0, 1], or None to drop the sample."
-            ) from None
-        if math.isnan(value):
-            checked.append(None)
-            continue
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"The oracle `{name}` returned {value}, outside [0, 1]. CADET oracles return a satisfaction score: "
-                "1 when the completion satisfies the constraint, 0 when it violates it. Rescale the output (for a "
-                "toxicity probability `p`, return `1 - p`; for a logit, apply a sigmoid)."
-            )
-        checked.append(value)
-    return checked
+            with torch.set_grad_enabled(grad_enabled):
+                outcome["scores"] = oracle(**kwargs)
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name=f"cadet-oracle-{oracle_name(oracle)}", daemon=True)
+    thread.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while thread.is_alive():
+        if stop is not None and stop.is_set():
+            raise OraclePhaseStopped("Training was stopped while an oracle was running.")
+        wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+        if wait <= 0:
+            raise TimeoutError(f"no answer within `oracle_timeout={timeout}` seconds")
+        thread.join(wait)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("scores")
 
 
 def call_oracles(
@@ -123,13 +171,18 @@ def call_oracles(
     weights: Sequence[float] | None = None,
     max_retries: int = 0,
     progress: bool = False,
+    timeout: float | None = None,
+    retry_delay: float = 1.0,
+    stop: threading.Event | None = None,
     **kwargs,
 ) -> OracleScores:
     """Score completions with one or several oracles and combine them into one satisfaction score each.
 
     Several oracles are combined by a weighted mean, so the result stays in `[0, 1]`. A sample any oracle drops
-    (`None`/NaN) is dropped. An oracle that raises is called again up to `max_retries` times; if it still fails, the
-    whole batch is dropped for it and counted, and training goes on. `progress` shows a bar over the oracles.
+    (`None`/NaN) is dropped. An oracle that raises, returns malformed scores or takes longer than `timeout` seconds is
+    called again up to `max_retries` times, after waiting `retry_delay` seconds (doubled at each further retry); if
+    it still fails, the whole batch is dropped for it and counted, and training goes on. Setting `stop` ends the call
+    with `OraclePhaseStopped`. `progress` shows a bar over the oracles.
     """
     n = len(completions)
     if weights is None:
@@ -142,12 +195,23 @@ def call_oracles(
     for oracle in tqdm(oracles, desc="Oracle phase: labelling", unit="oracle", disable=not progress, leave=False):
         name = oracle_name(oracle)
         # A process with no share of the prompts has nothing to judge, and user oracles need not cope with that
-        raw = []
+        scores: list[float | None] = []
         for attempt in range(max_retries + 1 if n else 0):
+            if attempt and retry_delay > 0:  # a judge that is warming up or rate-limited needs time, not a hammering
+                delay = retry_delay * 2 ** (attempt - 1)
+                if stop is None:
+                    time.sleep(delay)
+                elif stop.wait(delay):
+                    raise OraclePhaseStopped("Training was stopped while an oracle call was waiting to be retried.")
             try:
-                raw = oracle(prompts=list(prompts), completions=list(completions), **kwargs)
+                raw = _call_oracle(
+                    oracle, timeout, stop, dict(prompts=list(prompts), completions=list(completions), **kwargs)
+                )
+                scores = check_scores(name, raw, n)
                 break
-            except Exception as error:  # a remote judge may fail transiently; anything else fails every attempt
+            except OraclePhaseStopped:
+                raise
+            except Exception as error:  # a remote judge may fail transiently; a malformed result is handled alike
                 num_failures += 1
                 if attempt == max_retries:
                     errors.append(f"`{name}` ({type(error).__name__}: {error})")
@@ -159,13 +223,13 @@ def call_oracles(
                         error,
                         n,
                     )
-                    raw = [None] * n
+                    scores = [None] * n
         key = name
         suffix = 1
         while key in per_oracle:
             suffix += 1
             key = f"{name}_{suffix}"
-        per_oracle[key] = check_scores(name, raw, n)
+        per_oracle[key] = scores
 
     total_weight = float(sum(weights))
     combined: list[float | None] = []
