@@ -145,7 +145,8 @@ def sft_config(training_args: CADETConfig, output_dir: str) -> SFTConfig:
     """The same training arguments, minus CADET's, for the plain SFT baseline."""
     names = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
     values = {name: getattr(training_args, name) for name in names if hasattr(training_args, name)}
-    values.update(output_dir=output_dir, hub_token=training_args.hub_token, push_to_hub=False)
+    # The baseline is never pushed, and its `training_args.bin` pickles its config whole: keep the token out of it
+    values.update(output_dir=output_dir, hub_token=None, push_to_hub=False)
     return SFTConfig(**values)
 
 

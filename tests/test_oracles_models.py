@@ -247,6 +247,26 @@ def test_detoxify_oracle_unreachable_base_model(tmp_path, monkeypatch):
         oracle(prompts=["a"], completions=["b"])
 
 
+class _RunsCode:
+    """A pickled object whose loading would create `marker`: what a crafted checkpoint does to run code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_detoxify_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "crafted.ckpt"
+    torch.save({"config": _RunsCode(str(marker)), "state_dict": {}}, checkpoint)
+    oracle = DetoxifyOracle(checkpoint=str(checkpoint), huggingface_config_path=str(tmp_path), device="cpu")
+    with pytest.raises(ValueError, match=r"crafted.ckpt` is not a Detoxify checkpoint made of tensors and plain data"):
+        oracle(prompts=["a"], completions=["b"])
+    assert not marker.exists()
+
+
 def test_detoxify_oracle_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="Unknown Detoxify model_type `huge`"):
         DetoxifyOracle(model_type="huge")

@@ -210,3 +210,21 @@ def test_jigsaw_options(jigsaw):
         JigsawOracle(labels="rude")
     with pytest.raises(ValueError, match="reduction"):
         JigsawOracle(labels=JIGSAW_LABELS, reduction="sum")
+
+
+def test_the_jigsaw_files_come_from_the_installed_package_only(tmp_path, monkeypatch):
+    """A `toxic_classifier/` folder in the working directory must not stand in for the installed package: its
+    tokenizer is a pickle."""
+    from trl_cadet.oracles.jigsaw import jigsaw_model_dir
+
+    planted = tmp_path / "toxic_classifier" / "model"
+    planted.mkdir(parents=True)
+    (tmp_path / "toxic_classifier" / "__init__.py").write_text("")
+    for name in ("model.weights.h5", "tokenizer.pickle"):
+        (planted / name).write_bytes(b"planted")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("toxic_classifier").origin.startswith(str(tmp_path))  # what find_spec would take
+    model_dir = jigsaw_model_dir()
+    assert not str(model_dir).startswith(str(tmp_path))
+    assert (model_dir / "tokenizer.pickle").read_bytes() != b"planted"

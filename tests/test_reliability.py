@@ -515,3 +515,17 @@ def test_a_run_killed_in_the_oracle_phase_or_while_saving_resumes(tmp_path):
         assert results[mode]["global_step"] == 6 and results[mode]["round"] == 2
         assert (out / "checkpoint-6" / "cadet_state.json").is_file()
         assert not (out / STAGING_DIR).exists()
+
+
+# Security
+
+
+def test_the_sft_baseline_of_the_example_keeps_no_hub_token(tmp_path, monkeypatch):
+    """The baseline's config is pickled whole into its `training_args.bin`: the token must not be in it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples"))
+    from cadet_llama import sft_config
+
+    training_args = tiny_cadet_config(tmp_path, hub_token="hf_secret")
+    baseline = sft_config(training_args, str(tmp_path / "sft"))
+    assert baseline.hub_token is None and not baseline.push_to_hub
+    assert baseline.learning_rate == training_args.learning_rate

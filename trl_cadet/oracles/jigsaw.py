@@ -18,7 +18,7 @@ The six sigmoid outputs are independent probabilities for the Jigsaw labels `tox
 """
 
 import copy
-import importlib.util
+import importlib.metadata
 import pickle
 import threading
 from collections.abc import Sequence
@@ -44,15 +44,18 @@ _INSTALL_HINT = "pip install --no-deps toxic-comment-classifier h5py"
 def jigsaw_model_dir() -> Path:
     """Return the folder holding the weights and tokenizer of the installed `toxic-comment-classifier` package.
 
-    The package is located without importing it: its `__init__` imports TensorFlow, which we do not need.
+    The files are found through the installed distribution's record, not by importing the package (its `__init__`
+    imports TensorFlow, which we do not need) nor with `find_spec`, which would take a `toxic_classifier/` folder in
+    the working directory first: the tokenizer is a pickle, so it must come from the installed package only.
     """
-    spec = importlib.util.find_spec("toxic_classifier")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        distribution = importlib.metadata.distribution("toxic-comment-classifier")
+    except importlib.metadata.PackageNotFoundError:
         raise ImportError(
             "JigsawOracle needs the weights of the `toxic-comment-classifier` package, which is not installed. Install "
             f"it without its TensorFlow dependency: `{_INSTALL_HINT}`."
-        )
-    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+        ) from None
+    model_dir = Path(distribution.locate_file("toxic_classifier/model"))
     for name in ("model.weights.h5", "tokenizer.pickle"):
         if not (model_dir / name).is_file():
             raise ImportError(
