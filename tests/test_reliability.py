@@ -2,6 +2,7 @@
 reproduces the uninterrupted run, and a run killed with SIGKILL (tests/scripts/kill_run.py) resumes from its last
 complete checkpoint. docs/reliability.md records what these tests showed."""
 
+import itertools
 import json
 import logging
 import math
@@ -18,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_llama, build_tokenizer, tiny_cadet_config
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from test_cadet_trainer import BAD_WORD, corpus, logged, no_bad_word
 from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_cadet import CADETTrainer, NADOModel
-from trl_cadet.cadet_trainer import STAGING_DIR, last_complete_checkpoint
+from trl_cadet.cadet_trainer import STAGING_DIR, STREAMED_PROMPT_ROWS, last_complete_checkpoint
 from trl_cadet.oracles.base import check_scores
 
 
@@ -67,6 +68,9 @@ def build(tmp_path, tokenizer, model=None, oracle=no_bad_word, train_dataset=Non
             r"'messages' column: no conversation has an assistant turn",
         ),
         (None, [{"prompt": "hello there " * 200}], r"longer than `max_prompt_length=256` tokens.*Raise"),
+        ([{"text": "hello there"}, {"text": None}], None, r"Row 1 of the train_dataset's 'text' column is None"),
+        (None, [{"prompt": 7}], r"Row 0 of the prompt_dataset's 'prompt' column holds 7 \(int\).*a string or a list"),
+        ([{"text": 7}], None, r"Row 0 of the train_dataset's 'text' column holds 7 \(int\).*needs a string"),
     ],
     ids=[
         "misnamed-column",
@@ -77,6 +81,9 @@ def build(tmp_path, tokenizer, model=None, oracle=no_bad_word, train_dataset=Non
         "blank-prompts",
         "no-assistant-turn",
         "prompt-too-long",
+        "none-row",
+        "int-prompt",
+        "int-text",
     ],
 )
 def test_bad_datasets_fail_before_the_model_is_loaded(tokenizer, tmp_path, train_dataset, prompt_dataset, match):
@@ -92,6 +99,25 @@ def test_bad_datasets_fail_before_the_model_is_loaded(tokenizer, tmp_path, train
             prompt_dataset=None if prompt_dataset is None else dataset(prompt_dataset),
             processing_class=tokenizer,
         )
+
+
+def test_a_streamed_corpus_gives_prompts_from_its_first_rows(tokenizer, tmp_path, caplog):
+    """A stream may never end: the constructor reads a bounded number of its rows for the oracle phase's prompts."""
+    read = []
+
+    def endless():
+        for row in itertools.count():
+            read.append(row)
+            if row > 5000:
+                raise RuntimeError("the constructor is reading the whole stream")
+            yield {"text": f"row {row}: hello there, how are you today?"}
+
+    stream = IterableDataset.from_generator(endless)
+    with caplog.at_level(logging.WARNING):
+        trainer = build(tmp_path, tokenizer, train_dataset=stream)
+    assert len(trainer.prompts) == STREAMED_PROMPT_ROWS
+    assert len(read) <= STREAMED_PROMPT_ROWS + 10
+    assert "is streamed (an IterableDataset)" in caplog.text and "`prompt_dataset=`" in caplog.text
 
 
 def test_a_custom_text_column_gives_the_prompts(tokenizer, tmp_path):

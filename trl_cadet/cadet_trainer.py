@@ -49,6 +49,8 @@ CADET_STATE_NAME = "cadet_state.json"
 # Checkpoints are written here, then renamed to `checkpoint-N` once complete; the name does not match `checkpoint-*`,
 # so neither `get_last_checkpoint` nor `rotate_checkpoints` ever sees a half-written checkpoint
 STAGING_DIR = ".checkpoint-in-progress"
+# A streamed prompt source may never end: the oracle phase draws its prompts from this many first rows
+STREAMED_PROMPT_ROWS = 1000
 
 CITATION = """\
 @inproceedings{meng2024attribute,
@@ -382,7 +384,18 @@ class CADETTrainer(SFTTrainer):
     def _prepare_prompts(dataset, name: str, tokenizer, args: CADETConfig) -> tuple[list[Any], list[list[int]]]:
         """The oracle phase's prompts and their token ids, checked now rather than after hours of training."""
         column = prompt_column(dataset, args.dataset_text_field, name)
-        prompts = extract_prompts(dataset, tokenizer, args.corpus_prompt_length, args.dataset_text_field)
+        max_rows = None
+        if isinstance(dataset, IterableDataset):
+            max_rows = STREAMED_PROMPT_ROWS
+            logger.warning(
+                "The %s is streamed (an IterableDataset), so the oracle phase takes its prompts from its first %d rows "
+                "instead of reading the whole stream. To choose them, pass `prompt_dataset=` a `Dataset` of prompts.",
+                name,
+                max_rows,
+            )
+        prompts = extract_prompts(
+            dataset, tokenizer, args.corpus_prompt_length, args.dataset_text_field, name=name, max_rows=max_rows
+        )
         if not prompts:
             why = "every prompt is empty"
             if column in ("messages", "conversations"):

@@ -3,6 +3,7 @@ prompts themselves."""
 
 from typing import Any
 
+import pyarrow.compute as pc
 from datasets import Dataset, IterableDataset
 from trl.data_utils import maybe_convert_to_chatml
 
@@ -24,12 +25,31 @@ def prompt_column(dataset: Dataset | IterableDataset, text_field: str = "text", 
     )
 
 
+def _check_no_missing_values(dataset: Dataset | IterableDataset, columns: list[str]) -> None:
+    """Raise, naming the row and the column, when a column SFTTrainer will read holds a missing value (None), which it
+    would only report as a tokenizer error. Arrow keeps a count of them, so a `Dataset` is checked without reading it;
+    a streamed dataset is not checked."""
+    if not isinstance(dataset, Dataset):
+        return
+    for column in columns:
+        values = dataset.with_format("arrow")[column]
+        if values.null_count:
+            row = pc.index(pc.is_null(values), True).as_py()
+            raise ValueError(
+                f"Row {row} of the train_dataset's {column!r} column is None ({values.null_count} rows are). Remove "
+                f"or fill those rows, e.g. `dataset.filter(lambda row: row[{column!r}] is not None)`."
+            )
+
+
 def check_corpus_columns(dataset: Dataset | IterableDataset, text_field: str = "text") -> None:
     """Raise, before `SFTTrainer` tokenizes anything, when no column of the corpus is one it can train on."""
     columns = _column_names(dataset)
-    if {"messages", "conversations", text_field, "input_ids"} & set(columns):
+    used = [c for c in ("messages", "conversations", text_field, "input_ids") if c in columns]
+    if used:
+        _check_no_missing_values(dataset, used)
         return
     if "prompt" in columns and "completion" in columns:
+        _check_no_missing_values(dataset, ["prompt", "completion"])
         return
     if "prompt" in columns:
         raise ValueError(
@@ -45,28 +65,54 @@ def check_corpus_columns(dataset: Dataset | IterableDataset, text_field: str = "
 
 
 def extract_prompts(
-    dataset: Dataset | IterableDataset, processing_class, corpus_prompt_length: int, text_field: str = "text"
+    dataset: Dataset | IterableDataset,
+    processing_class,
+    corpus_prompt_length: int,
+    text_field: str = "text",
+    name: str = "dataset",
+    max_rows: int | None = None,
 ) -> list[Any]:
     """Prompts for the oracle phase, from a prompt dataset or from the corpus itself.
 
     A `prompt` column is used as is (standard or conversational). A conversational `messages` (or ShareGPT-style
     `conversations`) column gives the conversation up to its last assistant turn. A text column (`text_field`) or a
-    tokenized `input_ids` column gives its first `corpus_prompt_length` tokens.
+    tokenized `input_ids` column gives its first `corpus_prompt_length` tokens. Only the first `max_rows` rows are
+    read when it is given (a streamed dataset may never end). A missing value or one of the wrong type raises a
+    `ValueError` naming `name`, the row and the column.
     """
     column = prompt_column(dataset, text_field)
     prompts: list[Any] = []
-    for example in dataset:
+    for row, example in enumerate(dataset):
+        if max_rows is not None and row >= max_rows:
+            break
+        value = example[column]
+        expected = (
+            (str, list)
+            if column == "prompt"
+            else list
+            if column in ("messages", "conversations", "input_ids")
+            else str
+        )
+        if not isinstance(value, expected):
+            kind = {"prompt": "a string or a list of chat messages", "input_ids": "a list of token ids"}.get(
+                column, "a list of chat messages" if column in ("messages", "conversations") else "a string"
+            )
+            raise ValueError(
+                f"Row {row} of the {name}'s {column!r} column holds {value!r} ({type(value).__name__}), but the oracle "
+                f"phase needs {kind} there. Fix or remove that row (e.g. with `dataset.filter`), or pass "
+                "`prompt_dataset=` with a 'prompt' column of strings."
+            )
         if column == "prompt":
-            prompts.append(example["prompt"])
+            prompts.append(value)
         elif column in ("messages", "conversations"):
-            messages = maybe_convert_to_chatml(example)["messages"] if column == "conversations" else example[column]
+            messages = maybe_convert_to_chatml(example)["messages"] if column == "conversations" else value
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last:
                 prompts.append(messages[:last])
         else:
-            ids = example["input_ids"] if column == "input_ids" else None
+            ids = value if column == "input_ids" else None
             if ids is None:
-                ids = processing_class(text=example[column], add_special_tokens=False)["input_ids"]
+                ids = processing_class(text=value, add_special_tokens=False)["input_ids"]
             ids = ids[:corpus_prompt_length]
             if ids:
                 prompts.append(processing_class.decode(ids, skip_special_tokens=column == "input_ids"))
