@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -491,6 +493,58 @@ def test_resume_true_skips_an_incomplete_checkpoint(tokenizer, tmp_path, caplog)
     assert "Skipping" in caplog.text and "checkpoint-5" in caplog.text
     trainer, _, _ = _run(tokenizer, tmp_path, "sequential", max_steps=6, resume=True)
     assert trainer.state.global_step == 6
+
+
+def test_a_corrupt_checkpoint_is_skipped_or_named(tokenizer, tmp_path, caplog):
+    """The newest checkpoint is broken in turn in each way a kill or a disk can break it: `True` resumes from the last
+    intact one with a warning naming what is wrong; the broken path itself gives an error naming the file."""
+    trainer, _, _ = _run(tokenizer, tmp_path, "sequential", max_steps=4)
+    newest = tmp_path / "checkpoint-6"
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:100])
+
+    corruptions = {
+        "nado/model.safetensors is corrupt": lambda: truncate(newest / "nado" / "model.safetensors"),
+        "no nado/config.json": lambda: shutil.rmtree(newest / "nado"),
+        "cadet_state.json cannot be read": lambda: (newest / "cadet_state.json").write_text('{"cadet_lambda": 1'),
+        "cadet_state.json lacks ['latest_samples'": lambda: (newest / "cadet_state.json").write_text(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in json.loads((newest / "cadet_state.json").read_text()).items()
+                    if k != "latest_samples"
+                }
+            )
+        ),
+        "no optimizer.pt": lambda: (newest / "optimizer.pt").unlink(),
+        "no scheduler.pt": lambda: (newest / "scheduler.pt").unlink(),
+        "no rng_state.pth": lambda: (newest / "rng_state.pth").unlink(),
+    }
+    for what, corrupt in corruptions.items():
+        shutil.copytree(tmp_path / "checkpoint-4", newest)
+        corrupt()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4"), what
+        assert f"Skipping {newest}" in caplog.text and what in caplog.text
+        with pytest.raises(ValueError, match=f"Cannot resume from {re.escape(str(newest))}: .*{re.escape(what)}"):
+            trainer.train(resume_from_checkpoint=str(newest))
+        shutil.rmtree(newest)
+    with pytest.raises(ValueError, match=r"checkpoint-9'` does not exist"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-9"))
+
+
+def test_resuming_with_changed_arguments_uses_them_and_warns(tokenizer, tmp_path, caplog):
+    _run(tokenizer, tmp_path, "sequential", max_steps=4, lambda_schedule="constant", cadet_lambda=1.0)
+    with caplog.at_level(logging.WARNING):
+        _, _, lambdas = _run(
+            tokenizer, tmp_path, "sequential", resume=str(tmp_path / "checkpoint-2"), max_steps=4,
+            lambda_schedule="constant", cadet_lambda=2.0, steps_per_round=3,
+        )  # fmt: skip
+    assert lambdas[3] == lambdas[4] == 2.0
+    assert "`cadet_lambda` is 2.0 but the checkpoint trained with λ = 1.0" in caplog.text
+    assert "`steps_per_round` changed from 2 to 3" in caplog.text
 
 
 # A real process killed with SIGKILL

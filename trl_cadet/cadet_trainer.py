@@ -8,16 +8,19 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
+from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTTrainer
 from trl.models import unwrap_model_for_generation
 
@@ -108,18 +111,52 @@ def _checkpoint_step(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def last_complete_checkpoint(folder: str) -> str | None:
-    """The newest `checkpoint-N` in `folder` that holds the CADET state, skipping (with a warning) any that does not."""
+CADET_STATE_KEYS = ("cadet_lambda", "current_round", "nado_source_round", "oracle_calls", "latest_samples", "pending")
+# Trainer's files a single-process run needs to continue as it was; without them it resumes silently with fresh state
+TRAINER_RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def checkpoint_problem(path: str, trainer_files: Sequence[str] = TRAINER_RESUME_FILES) -> str | None:
+    """What makes `path` unfit to resume from (a missing or corrupt file, named), or None when it is intact.
+
+    Reads only `cadet_state.json` and the headers of the NADO weights, so it is cheap to call on every checkpoint.
+    """
+    if not os.path.isdir(path):
+        return "it does not exist"
+    for name in (CADET_STATE_NAME, TRAINER_STATE_NAME, NADO_OPTIMIZER_NAME, *trainer_files):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"it has no {name}"
+    try:
+        with open(os.path.join(path, CADET_STATE_NAME)) as f:
+            state = json.load(f)
+        missing = [key for key in CADET_STATE_KEYS if key not in state]
+    except (OSError, ValueError, TypeError) as error:
+        return f"its {CADET_STATE_NAME} cannot be read ({type(error).__name__}: {error})"
+    if missing:
+        return f"its {CADET_STATE_NAME} lacks {missing}"
+    for folder in (NADO_DIR, PENDING_NADO_DIR) if state["pending"] is not None else (NADO_DIR,):
+        weights = os.path.join(path, folder, SAFE_WEIGHTS_NAME)
+        if not os.path.isfile(os.path.join(path, folder, CONFIG_NAME)) or not os.path.isfile(weights):
+            return f"it has no {folder}/{CONFIG_NAME} and {folder}/{SAFE_WEIGHTS_NAME}"
+        try:
+            with safe_open(weights, framework="pt"):
+                pass  # the header is checked against the file's size: a truncated file fails here
+        except Exception as error:  # SafetensorError is not exported under a stable name
+            return f"its {folder}/{SAFE_WEIGHTS_NAME} is corrupt ({error})"
+    return None
+
+
+def last_complete_checkpoint(folder: str, trainer_files: Sequence[str] = TRAINER_RESUME_FILES) -> str | None:
+    """The newest intact `checkpoint-N` in `folder`, skipping (with a warning naming what is wrong) any that is not."""
     if not os.path.isdir(folder):
         return None
     candidates = sorted((step, name) for name in os.listdir(folder) if (step := _checkpoint_step(name)) is not None)
     for _, name in reversed(candidates):
         path = os.path.join(folder, name)
-        if os.path.isfile(os.path.join(path, CADET_STATE_NAME)) and os.path.isfile(
-            os.path.join(path, "trainer_state.json")
-        ):
+        problem = checkpoint_problem(path, trainer_files)
+        if problem is None:
             return path
-        logger.warning("Skipping %s: it has no %s or trainer_state.json, so it is incomplete.", path, CADET_STATE_NAME)
+        logger.warning("Skipping %s: %s, so it is incomplete or corrupt.", path, problem)
     return None
 
 
@@ -746,6 +783,10 @@ class CADETTrainer(SFTTrainer):
             "nado_source_round": self.nado_source_round,
             "oracle_calls": self.oracle_calls,
             "latest_samples": self._latest_samples.to_dict(),
+            # The arguments a resumed run compares its own with, to warn about a change
+            "args": {
+                name: getattr(self.args, name) for name in ("cadet_lambda", "lambda_schedule", "steps_per_round")
+            },
             "pending": None
             if pending is None
             else {
@@ -758,12 +799,32 @@ class CADETTrainer(SFTTrainer):
         with open(os.path.join(output_dir, CADET_STATE_NAME), "w") as f:
             json.dump(state, f)
 
+    def _resume_files(self) -> tuple[str, ...]:
+        """Trainer's files a checkpoint of this run must hold to resume as it was."""
+        if self.args.save_only_model:
+            return ()
+        rng = f"rng_state_{self.args.process_index}.pth" if self.accelerator.num_processes > 1 else "rng_state.pth"
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # they save the optimiser in their own layout
+            return (rng,)
+        return ("optimizer.pt", "scheduler.pt", rng)
+
     def _load_cadet_state(self, checkpoint: str) -> None:
         state_file = os.path.join(checkpoint, CADET_STATE_NAME)
+        if not os.path.exists(checkpoint):
+            raise ValueError(
+                f"`resume_from_checkpoint={checkpoint!r}` does not exist. Pass the path of a `checkpoint-N` folder, or "
+                "`resume_from_checkpoint=True` for the newest intact one in `output_dir`."
+            )
         if not os.path.isfile(state_file):
             raise ValueError(
                 f"{checkpoint} has no {CADET_STATE_NAME}: it was not written by CADETTrainer, or its save was cut "
                 "short. Resume from another checkpoint."
+            )
+        problem = checkpoint_problem(checkpoint, self._resume_files())
+        if problem is not None:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: {problem}. Resume from an older checkpoint, or pass "
+                "`resume_from_checkpoint=True` to take the newest intact one."
             )
         with open(state_file) as f:
             state = json.load(f)
@@ -786,23 +847,61 @@ class CADETTrainer(SFTTrainer):
         )
         self.nado_optimizer.load_state_dict(optimizer_state)
         self.cadet_lambda = state["cadet_lambda"]
+        self._reconcile_args(state)
         self.current_round = state["current_round"]
         self.nado_source_round = state["nado_source_round"]
         self.oracle_calls = state["oracle_calls"]
         self._latest_samples = Samples(**state["latest_samples"])
+
+    def _reconcile_args(self, state: dict[str, Any]) -> None:
+        """As in `Trainer`, the arguments of the resumed run win, except for state that must continue: warn about each
+        change that matters."""
+        saved = state.get("args", {})  # absent from checkpoints of older versions
+        if self.args.lambda_schedule == "constant" and self.args.cadet_lambda != self.cadet_lambda:
+            logger.warning(
+                "`cadet_lambda` is %s but the checkpoint trained with λ = %s; with `lambda_schedule='constant'` the new "
+                "value is used from here on.",
+                self.args.cadet_lambda,
+                self.cadet_lambda,
+            )
+            self.cadet_lambda = self.args.cadet_lambda
+        elif self.args.lambda_schedule == "adaptive" and saved.get("cadet_lambda", self.args.cadet_lambda) != (
+            self.args.cadet_lambda
+        ):
+            logger.warning(
+                "`cadet_lambda` changed from %s to %s since the checkpoint, but with `lambda_schedule='adaptive'` λ is "
+                "training state: the run continues from the checkpoint's λ = %s. To restart λ from `cadet_lambda`, "
+                "start a new run from the checkpoint's weights instead of resuming.",
+                saved["cadet_lambda"],
+                self.args.cadet_lambda,
+                self.cadet_lambda,
+            )
+        if saved.get("steps_per_round", self.args.steps_per_round) != self.args.steps_per_round:
+            with open(os.path.join(self._resume_path, TRAINER_STATE_NAME)) as f:
+                step = json.load(f)["global_step"]
+            logger.warning(
+                "`steps_per_round` changed from %d to %d since the checkpoint; the new value is used. Rounds are "
+                "counted as `global_step // steps_per_round`, so the round index jumps from %d to %d at step %d.",
+                saved["steps_per_round"],
+                self.args.steps_per_round,
+                state["current_round"],
+                step // self.args.steps_per_round,
+                step,
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if self.args.should_save:
             # What a run killed while saving left behind; never a complete checkpoint
             shutil.rmtree(os.path.join(self.args.output_dir, STAGING_DIR), ignore_errors=True)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self._resume_files())
             if resume_from_checkpoint is None:
                 raise ValueError(
                     f"No complete checkpoint found in {self.args.output_dir} to resume from. Pass the path of a "
                     "checkpoint, or train without `resume_from_checkpoint`."
                 )
         if resume_from_checkpoint:
+            self._resume_path = resume_from_checkpoint
             self._load_cadet_state(resume_from_checkpoint)
         self._stop_phase.clear()
         stopping = False
