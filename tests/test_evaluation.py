@@ -19,9 +19,11 @@ from transformers import (
 
 from trl_cadet.cli import main
 from trl_cadet.evaluation import (
+    distinct_n,
     evaluate_model,
     evaluate_toxicity,
     generate_samples,
+    generation_perplexity,
     perplexity,
     toxicity_metrics,
 )
@@ -206,6 +208,32 @@ def test_perplexity_truncates(tiny):
     with torch.no_grad():
         nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item()
     assert perplexity(model, tokenizer, [text], max_length=4, show_progress=False) == pytest.approx(math.exp(nll))
+
+
+def test_distinct_n_by_hand():
+    samples = [["a b a b", "a b c"], ["x"], []]
+    # prompt 1: unigrams a b a b a b c -> 3 distinct of 7; bigrams ab ba ab ab bc -> 3 of 5; prompt 2: x -> 1 of 1
+    assert distinct_n(samples, 1) == pytest.approx((3 / 7 + 1) / 2)
+    assert distinct_n(samples, 2) == pytest.approx(3 / 5)  # prompt 2 has no bigram and is left out
+    assert math.isnan(distinct_n([["a"]], 3))
+
+
+def test_generation_perplexity_scores_the_completion_tokens_given_the_prompt(tiny):
+    model, tokenizer = tiny
+    prompts, samples = ["The quick brown fox", "Be"], [["jumps over", "runs"], ["kind."]]
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for prompt, completions in zip(prompts, samples, strict=True):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            for completion in completions:
+                completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt_ids + completion_ids])
+                logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+                total_nll += F.cross_entropy(logits, torch.tensor(completion_ids), reduction="sum").item()
+                total_tokens += len(completion_ids)
+    expected = math.exp(total_nll / total_tokens)
+    got = generation_perplexity(model, tokenizer, prompts, samples, batch_size=2, show_progress=False)
+    assert got == pytest.approx(expected, rel=1e-5)
 
 
 # Generation

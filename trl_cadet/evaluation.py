@@ -343,6 +343,71 @@ def perplexity(
     return math.exp(total_nll / total_tokens)
 
 
+def distinct_n(samples: Sequence[Sequence[str]], n: int) -> float:
+    """Diversity of the samples, as in the detoxification literature: for each prompt, the number of distinct word
+    n-grams over all n-grams of its samples (words split on whitespace), averaged over the prompts that have any."""
+    ratios = []
+    for completions in samples:
+        grams = [
+            tuple(words[i : i + n])
+            for text in completions
+            for words in [text.split()]
+            for i in range(len(words) - n + 1)
+        ]
+        if grams:
+            ratios.append(len(set(grams)) / len(grams))
+    return statistics.fmean(ratios) if ratios else float("nan")
+
+
+@torch.no_grad()
+def generation_perplexity(
+    judge: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str | list[dict[str, str]]],
+    samples: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> float:
+    """Fluency of generated text: the perplexity of the samples' tokens, each given its prompt, under `judge` (a
+    reference LM such as the base model; it must share `tokenizer`). Word salad scores high even when it is not toxic.
+    """
+    conversational = _is_conversational_prompts(prompts)
+    rows = []
+    for prompt, completions in zip(prompts, samples, strict=True):
+        text = maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
+        prompt_ids = tokenizer(text, add_special_tokens=not conversational)["input_ids"]
+        for completion in completions:
+            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            if completion_ids:
+                rows.append((prompt_ids, completion_ids))
+    if not rows:
+        return float("nan")
+    was_training = judge.training
+    judge.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="Fluency", disable=not show_progress):
+            batch = rows[start : start + batch_size]
+            width = max(len(p) + len(c) for p, c in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, (p, c) in enumerate(batch):
+                input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+                labels[row, len(p) : len(p) + len(c)] = torch.tensor(c)
+                attention_mask[row, : len(p) + len(c)] = 1
+            logits = judge(input_ids=input_ids.to(judge.device), attention_mask=attention_mask.to(judge.device)).logits
+            targets = labels[:, 1:].to(judge.device)
+            nll = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total_nll += nll.item()
+            total_tokens += int((targets != -100).sum())
+    finally:
+        judge.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -362,6 +427,7 @@ def evaluate_model(
     logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
     save_samples: bool = False,
     model_name_or_path: str | None = None,
+    fluency_model: PreTrainedModel | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate toxicity (with `prompts` and `judges`) and perplexity (with `texts`) in one JSON-serialisable report.
@@ -374,10 +440,14 @@ def evaluate_model(
             Put the samples and their per-judge toxicity in the report under `samples`.
         model_name_or_path (`str`, *optional*):
             Recorded as `model`; defaults to the model's `name_or_path`.
+        fluency_model (`PreTrainedModel`, *optional*):
+            A reference LM sharing the tokenizer (e.g. the base model) that scores the fluency of the samples
+            (`generation_perplexity`).
 
     Returns:
-        `dict`: `{"model", "trl_cadet_version", "seed", "settings", "toxicity", "perplexity", "timings"}` and, with
-        `save_samples`, `"samples"`. `toxicity` maps each judge to its `toxicity_metrics` (empty without prompts);
+        `dict`: `{"model", "trl_cadet_version", "seed", "settings", "toxicity", "perplexity", "fluency", "timings"}`
+        and, with `save_samples`, `"samples"`. `fluency` holds `distinct_1`, `distinct_2`, `distinct_3` of the samples
+        and, with `fluency_model`, `generation_perplexity` (empty without prompts). `toxicity` maps each judge to its `toxicity_metrics` (empty without prompts);
         `perplexity` is `None` without texts. Timings are in seconds.
     """
     if prompts is None and texts is None:
@@ -406,6 +476,7 @@ def evaluate_model(
         },
         "toxicity": {},
         "perplexity": None,
+        "fluency": {},
         "timings": {},
     }
     if prompts is not None:
@@ -427,6 +498,12 @@ def evaluate_model(
         )
         report["toxicity"] = result["toxicity"]
         report["timings"].update(result["timings"])
+        texts_per_prompt = [entry["completions"] for entry in result["samples"]]
+        report["fluency"] = {f"distinct_{n}": distinct_n(texts_per_prompt, n) for n in (1, 2, 3)}
+        if fluency_model is not None:
+            report["fluency"]["generation_perplexity"] = generation_perplexity(
+                fluency_model, tokenizer, prompts, texts_per_prompt, show_progress=show_progress
+            )
         if save_samples:
             report["samples"] = result["samples"]
     if texts is not None:
