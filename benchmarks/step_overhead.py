@@ -83,7 +83,8 @@ def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str):
     import torch
 
     with torch.no_grad():
-        trainer.nado.head.weight.normal_(std=0.02)  # a trained-looking NADO, so the KL is not trivially zero
+        for param in trainer.nado.parameters():  # a trained-looking NADO, so the KL is not trivially zero
+            param.add_(0.02 * torch.randn_like(param))
     trainer.current_round, trainer.nado_source_round = 0, 0  # no oracle phase inside the timed steps
     return trainer
 
@@ -136,7 +137,8 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         lm_loss = F.nll_loss(log_p, batch["labels"][:, 1:][mask[:, :-1]])
         t1 = time.perf_counter()
         with torch.no_grad():
-            nado_logits = trainer.nado(outputs.hidden_states[-1].detach()[mask])
+            embeddings = model.get_output_embeddings().weight
+            nado_logits = trainer.nado(outputs.hidden_states[-1].detach()[mask], output_embeddings=embeddings)
         t2 = time.perf_counter()
         kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p)
         t3 = time.perf_counter()

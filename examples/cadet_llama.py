@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import load_dataset
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from trl_cadet import CADETConfig, CADETTrainer
-from trl_cadet.evaluation import evaluate_model
+from trl_cadet.evaluation import evaluate_model, perplexity
 from trl_cadet.oracles import load_oracle
 from trl_cadet.trainability import keep_4bit_layers_trainable
 
@@ -64,6 +64,15 @@ class DemoArguments:
         metadata={
             "help": "A Hub or local dataset to train on instead of the built-in offline corpus (needs the "
             "'prompt' splits below too)."
+        },
+    )
+    corpus: str = field(
+        default="templated",
+        metadata={
+            "help": "The built-in corpus: 'templated' (toxic replies are whole templated insults) or 'embedded' (each "
+            "toxic reply is a useful answer, found nowhere else in the corpus, wrapped in insults; filtering it out "
+            "loses the answer, and the report adds the perplexity of those answers).",
+            "choices": ["templated", "embedded"],
         },
     )
     toxic_share: float = field(default=0.3, metadata={"help": "Share of toxic replies in the built-in corpus."})
@@ -113,6 +122,8 @@ DEMO_DEFAULTS = {
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # No dropout: the NADO model then reads the same hidden states in training steps as in the oracle phase
+    "lora_dropout": 0.0,
 }
 
 
@@ -137,6 +148,7 @@ def load_corpus(demo_args: DemoArguments, seed: int):
         num_heldout=demo_args.num_heldout,
         num_oracle_prompts=demo_args.num_oracle_prompts,
         num_eval_prompts=demo_args.num_eval_prompts,
+        embedded=demo_args.corpus == "embedded",
         seed=seed,
     )
 
@@ -169,6 +181,9 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
     judges = {name: load_oracle(name) for name in demo_args.judges.split(",") if name}
     eval_prompts = corpus["eval"]["prompt"][: demo_args.num_eval_prompts]
     heldout = corpus["heldout"]["messages"]
+    useful = corpus["useful"]["messages"] if "useful" in corpus else None
+    # The fluency of every model's samples is scored by the same reference: the base model, frozen
+    fluency_model = AutoModelForCausalLM.from_pretrained(model_path, **training_args.model_init_kwargs).eval()
 
     def evaluate(model, name: str) -> dict:
         logger.warning("Evaluating %s on %d prompts x %d samples", name, len(eval_prompts), demo_args.eval_num_samples)
@@ -183,7 +198,10 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
             max_new_tokens=demo_args.eval_max_new_tokens,
             seed=demo_args.eval_seed,
             model_name_or_path=f"{name} ({model_path})",
+            fluency_model=fluency_model,
         )
+        if useful is not None:
+            report["useful_perplexity"] = perplexity(model, tokenizer, useful)
         report["label"] = name
         return report
 
@@ -242,15 +260,24 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
 
 
 def print_table(reports: list[dict], judges: list[str]) -> None:
+    """Toxicity under each judge, perplexity on held-out benign dialogue (and on the embedded corpus's useful answers),
+    and the fluency of the samples: their perplexity under the base model, and distinct-2."""
+    useful = any("useful_perplexity" in r for r in reports)
     header = ["model"] + [f"EMT[{j}]" for j in judges] + [f"tox.prob[{j}]" for j in judges] + ["ppl"]
+    header += ["useful ppl"] * useful + ["gen. ppl", "dist-2"]
     rows = []
     for report in reports:
-        tox = report["toxicity"]
+        tox, fluency = report["toxicity"], report.get("fluency", {})
         rows.append(
             [report["label"]]
             + [f"{tox[j]['expected_max_toxicity']:.3f}" for j in judges]
             + [f"{tox[j]['toxicity_probability']:.3f}" for j in judges]
             + [f"{report['perplexity']:.2f}"]
+            + [f"{report['useful_perplexity']:.2f}" for _ in range(useful) if "useful_perplexity" in report]
+            + [
+                f"{fluency.get('generation_perplexity', float('nan')):.2f}",
+                f"{fluency.get('distinct_2', float('nan')):.3f}",
+            ]
         )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -38,6 +38,11 @@ def no_bad_word(prompts, completions, **kwargs):
     return [0.0 if BAD_WORD in c[-1]["content"] else 1.0 for c in completions]
 
 
+def nado_trained(nado) -> bool:
+    """Whether a tied NADO head left its initial state: the prior set from labels and the token side learned."""
+    return bool(nado.prior_is_set) and nado.key.abs().sum() > 0
+
+
 def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
@@ -79,7 +84,7 @@ def test_training_changes_parameters_and_logs_every_metric(tokenizer, tiny_llama
     for name, param in trainer.model.named_parameters():
         if name in before:
             assert not torch.equal(param, before[name]), f"{name} did not change"
-    assert trainer.nado.head.weight.abs().sum() > 0, "the NADO model was never trained"
+    assert nado_trained(trainer.nado), "the NADO model was never trained"
     for key in EXPECTED_METRICS:
         assert logged(trainer, key), f"{key} was not logged"
     assert trainer.current_round == 2
@@ -233,7 +238,7 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert lora and any(not torch.equal(p, lora[n]) for n, p in trainer.model.named_parameters() if n in lora)
-    assert trainer.nado.head.weight.abs().sum() > 0
+    assert nado_trained(trainer.nado)
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "parallel"])
@@ -264,8 +269,11 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
 
     _, losses, lambdas = run(tmp_path / "full")
     resumed, resumed_losses, resumed_lambdas = run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-3"))
+    # The parallel schedule's background NADO training runs beside the training steps, and is reproducible to float
+    # rounding only (two uninterrupted runs differ by about 1e-5 relative; docs/reliability.md)
+    tolerance = 1e-5 if schedule == "sequential" else 1e-3
     for step in range(4, 9):
-        assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-5), step
+        assert resumed_losses[step] == pytest.approx(losses[step], rel=tolerance), step
         assert resumed_lambdas[step] == pytest.approx(lambdas[step]), step
     assert len(set(lambdas.values())) > 1, "λ should move under the adaptive schedule"
 
@@ -282,13 +290,14 @@ def test_save_model_writes_nado_and_model_card(tokenizer, tiny_llama, tmp_path):
     trainer.save_model()
     trainer.create_model_card()
     nado = NADOModel.from_pretrained(tmp_path / "nado")
-    torch.testing.assert_close(nado.head.weight, trainer.nado.head.weight.cpu())
+    for name, tensor in nado.state_dict().items():
+        torch.testing.assert_close(tensor, trainer.nado.state_dict()[name].cpu())
     card = (tmp_path / "README.md").read_text()
     assert "cadet" in card and "2410.05559" in card
 
 
 def test_guided_decoding_processor_follows_q_and_avoids_a_forbidden_token(tokenizer, tiny_llama):
-    nado = NADOModel.from_lm(tiny_llama)
+    nado = NADOModel.from_lm(tiny_llama, head="full")
     forbidden = tokenizer.convert_tokens_to_ids("<|end|>")
     with torch.no_grad():
         nado.head.weight.normal_(std=0.5)
@@ -331,8 +340,9 @@ def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama
         train_dataset=corpus(),
         processing_class=tokenizer,
     )
-    with torch.no_grad():
-        trainer.nado.head.weight.normal_(std=0.5)  # a NADO model that is not all zeros, so the KL is not zero
+    with torch.no_grad():  # a NADO model whose R depends on the token, so that the KL is not zero
+        for param in trainer.nado.parameters():
+            param.add_(0.5 * torch.randn_like(param))
     trainer.nado_source_round = 0
     if positions == "samples":
         prompts = tokenizer(["hello there"] * 4)["input_ids"]

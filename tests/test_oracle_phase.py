@@ -38,7 +38,7 @@ def test_windowed_features_give_the_full_sequence_loss(tiny_llama, num_layers, t
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
         expected = nado_loss(
-            nado(outputs.hidden_states[-2], batch["attention_mask"]),
+            nado(outputs.hidden_states[-2], batch["attention_mask"], output_embeddings=model.lm_head.weight),
             outputs.logits,
             batch["input_ids"],
             labels,

@@ -37,6 +37,8 @@ KILL_SCRIPT = Path(__file__).parent / "scripts" / "kill_run.py"
 
 def build(tmp_path, tokenizer, model=None, oracle=no_bad_word, train_dataset=None, **kwargs):
     kwargs.setdefault("oracle_retry_delay", 0.0)  # the tests of retries wait only where they check the wait
+    # The oracle's calls here are the oracle phases' only; labelling corpus completions is tested in test_regulariser
+    kwargs.setdefault("nado_corpus_samples", 0)
     extra = {k: kwargs.pop(k) for k in ("prompt_dataset", "nado_model", "data_collator") if k in kwargs}
     return CADETTrainer(
         model=model if model is not None else build_llama(tokenizer),
@@ -118,7 +120,8 @@ def test_a_streamed_corpus_gives_prompts_from_its_first_rows(tokenizer, tmp_path
     with caplog.at_level(logging.WARNING):
         trainer = build(tmp_path, tokenizer, train_dataset=stream)
     assert len(trainer.prompts) == STREAMED_PROMPT_ROWS
-    assert len(read) <= STREAMED_PROMPT_ROWS + 10
+    # and the corpus completions of the NADO model from the first rows too
+    assert len(read) <= STREAMED_PROMPT_ROWS + trainer.args.nado_corpus_samples + 20
     assert "is streamed (an IterableDataset)" in caplog.text and "`prompt_dataset=`" in caplog.text
 
 
@@ -401,6 +404,7 @@ def _run(
         lambda_schedule="adaptive",
         lambda_lr=2.0,
         target_satisfaction=0.99,
+        nado_corpus_samples=0,  # the oracle's calls are the phases' only
     )
     values.update(overrides)
     trainer = CADETTrainer(

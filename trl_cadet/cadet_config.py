@@ -63,6 +63,17 @@ class CADETConfig(SFTConfig):
 
         > Parameters that control the NADO model
 
+        nado_head (`str`, *optional*, defaults to `"tied"`):
+            The NADO head. `"tied"`: low rank, through the LM's own output embeddings, so that what a sampled token
+            teaches carries over to every token (the default: sample-efficient, a few hundred labelled sequences per
+            round are enough). `"full"`: a vocabulary-sized linear head, as in the reference code (needs far more
+            samples). With FSDP or DeepSpeed ZeRO-3 the output embeddings are sharded: use `"full"`.
+        nado_rank (`int`, *optional*, defaults to `16`):
+            Rank of the tied head's context-token interaction.
+        nado_corpus_samples (`int`, *optional*, defaults to `256`):
+            Completions of the training corpus labelled once by the oracles (at the first oracle phase, counted in
+            `oracle/calls`) and added to the NADO model's training data in every round, beside the round's samples
+            of the policy. `0` trains the NADO model on the policy's samples only.
         nado_num_layers (`int`, *optional*, defaults to `0`):
             Extra causal transformer layers between the LM's hidden states and the NADO head. `0` is a head only.
         nado_hidden_state_layer (`int`, *optional*, defaults to `-1`):
@@ -88,12 +99,14 @@ class CADETConfig(SFTConfig):
             λ, the weight of the regulariser Ω. `0.0` is plain SFT (the oracle phase still runs and is logged). With
             `lambda_schedule="adaptive"`, the initial value.
         lambda_schedule (`str`, *optional*, defaults to `"constant"`):
-            `"constant"` or `"adaptive"`: dual ascent on the constraint `E[C] >= target_satisfaction`,
-            `λ ← max(0, λ + lambda_lr · (target_satisfaction - ĉ))` after each oracle phase.
+            `"constant"` or `"adaptive"`: dual ascent on the constraint `E[C] >= target_satisfaction` in log space,
+            `log λ ← log λ + lambda_lr · (target_satisfaction - ĉ)` after each oracle phase, so that a step scales with
+            λ (λ stays within [1e-3, 1e3]).
         target_satisfaction (`float`, *optional*, defaults to `0.9`):
             δ, the satisfaction rate the adaptive schedule aims for.
-        lambda_lr (`float`, *optional*, defaults to `1.0`):
-            η, the step size of the adaptive schedule.
+        lambda_lr (`float`, *optional*, defaults to `4.0`):
+            η, the step size of the adaptive schedule on log λ: a satisfaction 0.1 below target multiplies λ by
+            `exp(0.4) ≈ 1.5`.
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
             of the latest oracle samples, one extra forward pass per step) or `"both"`.
@@ -181,6 +194,21 @@ class CADETConfig(SFTConfig):
     )
 
     # Parameters that control the NADO model
+    nado_head: str = field(
+        default="tied",
+        metadata={
+            "help": "The NADO head: 'tied' (low rank, through the LM's output embeddings) or 'full' (vocabulary-sized).",
+            "choices": ["tied", "full"],
+        },
+    )
+    nado_rank: int = field(
+        default=16,
+        metadata={"help": "Rank of the tied NADO head's context-token interaction."},
+    )
+    nado_corpus_samples: int = field(
+        default=256,
+        metadata={"help": "Corpus completions labelled once by the oracles and added to NADO training each round."},
+    )
     nado_num_layers: int = field(
         default=0,
         metadata={"help": "Extra causal transformer layers under the NADO head (0: a head on the LM's states)."},
@@ -231,8 +259,8 @@ class CADETConfig(SFTConfig):
         metadata={"help": "δ, the satisfaction rate the adaptive λ schedule aims for."},
     )
     lambda_lr: float = field(
-        default=1.0,
-        metadata={"help": "η, the step size of the adaptive λ schedule."},
+        default=4.0,
+        metadata={"help": "η, the step size of the adaptive λ schedule on log λ."},
     )
     regularized_positions: str = field(
         default="corpus",
@@ -266,6 +294,7 @@ class CADETConfig(SFTConfig):
             "lambda_schedule": ("constant", "adaptive"),
             "regularized_positions": ("corpus", "samples", "both"),
             "round_schedule": ("sequential", "parallel"),
+            "nado_head": ("tied", "full"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -321,6 +350,15 @@ class CADETConfig(SFTConfig):
             raise ValueError(
                 f"`oracle_weights` must be non-negative with a positive sum (the combined score is their weighted "
                 f"mean, which must stay in [0, 1]), got {self.oracle_weights}."
+            )
+        if self.nado_rank < 0:
+            raise ValueError(f"`nado_rank` must be non-negative, got {self.nado_rank}.")
+        if self.nado_corpus_samples < 0:
+            raise ValueError(f"`nado_corpus_samples` must be non-negative, got {self.nado_corpus_samples}.")
+        if self.lambda_schedule == "adaptive" and self.cadet_lambda == 0:
+            raise ValueError(
+                "`lambda_schedule='adaptive'` moves λ in log space, so it cannot start from `cadet_lambda=0`. Start "
+                "from a positive λ (e.g. 1.0)."
             )
         if self.lambda_schedule == "adaptive" and self.lambda_lr == 0:
             raise ValueError(

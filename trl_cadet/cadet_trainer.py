@@ -22,18 +22,28 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTTrainer
+from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .cadet_config import CADETConfig
-from .data_utils import check_corpus_columns, extract_prompts, prompt_column
+from .data_utils import (
+    assistant_markers,
+    assistant_token_mask,
+    check_corpus_columns,
+    extract_completions,
+    extract_prompts,
+    prompt_column,
+)
 from .modeling_nado import NADOConfig, NADOModel
-from .nado import cadet_kl, regularized_mask
+from .nado import adaptive_lambda, cadet_kl, regularized_mask
 from .oracle_phase import (
     Labelling,
     PhaseResult,
     Samples,
     collate_samples,
     has_sharded_weights,
+    label_samples,
+    output_embedding_weight,
     run_oracle_phase,
     snapshot_policy,
     tokenize_prompts,
@@ -340,6 +350,27 @@ class CADETTrainer(SFTTrainer):
             tokenizer.pad_token = args.pad_token or tokenizer.eos_token
             logger.info("The tokenizer has no pad token; CADET pads sampled batches with %r.", tokenizer.pad_token)
         self.prompts, self.prompt_ids = prompts, prompt_ids
+        # Ω applies where R is defined: the assistant turns of a conversational corpus (never system prompts, user
+        # turns or chat headers); elsewhere the trained-on tokens
+        first_example = train_dataset[0] if isinstance(train_dataset, Dataset) else next(iter(train_dataset))
+        self._assistant_markers = None
+        if formatting_func is None and is_conversational(first_example):
+            self._assistant_markers = assistant_markers(tokenizer)
+            if self._assistant_markers is None:
+                logger.warning(
+                    "Could not find how the chat template opens and closes assistant turns, so the regulariser applies "
+                    "to every trained-on token, the user turns included. Use a chat template with a generation prompt "
+                    "and a special end-of-turn token."
+                )
+        self._corpus_completions = extract_completions(
+            train_dataset,
+            tokenizer,
+            args.nado_corpus_samples,
+            args.max_completion_length,
+            args.corpus_prompt_length,
+            args.dataset_text_field,
+            seed=args.seed,
+        )
 
         sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
         if args.round_schedule == "parallel" and sharded:
@@ -365,8 +396,15 @@ class CADETTrainer(SFTTrainer):
                     vocab_size=vocab_size,
                     num_layers=args.nado_num_layers,
                     hidden_state_layer=args.nado_hidden_state_layer,
+                    head=args.nado_head,
+                    rank=args.nado_rank,
                     base_model_name_or_path=getattr(lm.config, "_name_or_path", None),
                 )
+            )
+        if nado_model.config.head == "tied" and (sharded or lm.get_output_embeddings() is None):
+            raise ValueError(
+                "The tied NADO head reads the LM's output embeddings, which this LM does not hold whole (FSDP or "
+                "DeepSpeed ZeRO-3 shard them, or it has no LM head). Set `nado_head='full'`."
             )
         _check_nado_fits(nado_model.config, lm)
         max_positions = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
@@ -385,7 +423,14 @@ class CADETTrainer(SFTTrainer):
             oracle_device = torch.device(args.oracle_device) if args.oracle_device else self.accelerator.device
             self._nado_train = copy.deepcopy(self.nado).to(oracle_device)
             self._oracle_device = oracle_device
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cadet-oracle")
+            # The background thread uses as many intra-op threads as the trainer's (a new thread would otherwise get
+            # OpenMP's default), so that its reductions, hence a resumed run, are reproducible
+            self._executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="cadet-oracle",
+                initializer=torch.set_num_threads,
+                initargs=(torch.get_num_threads(),),
+            )
         else:
             self._nado_train = self.nado
             self._oracle_device = self.accelerator.device
@@ -400,6 +445,7 @@ class CADETTrainer(SFTTrainer):
         self.nado_source_round: int | None = None  # the round whose policy generated the NADO's training samples
         self.oracle_calls = 0
         self._latest_samples = Samples()
+        self._corpus_samples: Samples | None = None  # the labelled corpus completions, once the first phase ran
         self._pending: Future | PhaseResult | None = None
         self._stop_phase = threading.Event()  # set when training stops early, to end a background phase promptly
         self._snapshot: PreTrainedModel | None = None
@@ -482,8 +528,35 @@ class CADETTrainer(SFTTrainer):
             merged.merge(part)
         return merged
 
+    def _label_corpus(self) -> None:
+        """Label the corpus completions once (each process its share, then gathered), for every round's NADO training."""
+        corpus = self._corpus_completions
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        labelling = label_samples(
+            self.oracle_funcs,
+            corpus.prompts[rank::processes],
+            corpus.prompt_ids[rank::processes],
+            corpus.completion_ids[rank::processes],
+            self._tokenizer,
+            num_generations=1,
+            oracle_weights=self.args.oracle_weights,
+            labels=self.args.oracle_labels,
+            threshold=self.args.oracle_threshold,
+            max_retries=self.args.oracle_max_retries,
+            timeout=self.args.oracle_timeout,
+            retry_delay=self.args.oracle_retry_delay,
+        )
+        labelling = self._gather(labelling)
+        self._corpus_samples = labelling.samples
+        self.oracle_calls += len(labelling.samples) + labelling.dropped
+        if len(labelling.samples):
+            satisfied = sum(score >= self.args.oracle_threshold for score in labelling.samples.scores)
+            self._metrics["train"]["oracle/corpus_satisfaction"].append(satisfied / len(labelling.samples))
+
     def _oracle_phase(self, policy, round_index: int, gather) -> PhaseResult:
         prompts, prompt_ids = self._round_prompts(round_index)
+        if self._corpus_samples is None and len(self._corpus_completions.prompts):
+            self._label_corpus()  # the first phase, which runs in the foreground in both schedules
         result = run_oracle_phase(
             policy,
             self._nado_train,
@@ -495,6 +568,7 @@ class CADETTrainer(SFTTrainer):
             self.args,
             round_index,
             gather=gather,
+            corpus_samples=self._corpus_samples,
             # Bars for the phases that hold training up (`gather` is None only in the background, whose bars would
             # tangle with the trainer's)
             progress=gather is not None and self.accelerator.is_main_process and not self.args.disable_tqdm,
@@ -593,8 +667,8 @@ class CADETTrainer(SFTTrainer):
                 result.samples.labels[0],
             )
         if self.args.lambda_schedule == "adaptive" and result.satisfaction is not None:
-            self.cadet_lambda = max(
-                0.0, self.cadet_lambda + self.args.lambda_lr * (self.args.target_satisfaction - result.satisfaction)
+            self.cadet_lambda = adaptive_lambda(
+                self.cadet_lambda, result.satisfaction, self.args.target_satisfaction, self.args.lambda_lr
             )
         for key, value in result.metrics.items():
             self._metrics["train"][key].append(value)
@@ -609,6 +683,11 @@ class CADETTrainer(SFTTrainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         mask = regularized_mask(labels)
         outputs, logits = self._trained_logits(model, model_inputs, mask)  # logits: [N, V], the trained positions
+        # Ω's positions, a subset of the trained ones: those predicting an assistant token of a conversation
+        omega = torch.ones_like(mask)
+        if self._assistant_markers is not None:
+            omega[:, :-1] = assistant_token_mask(inputs["input_ids"], self._assistant_markers)[:, 1:]
+        omega = omega[mask]  # [N], aligned with `logits`
 
         # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known. log p is
         # computed once, for the LM loss and the regulariser
@@ -626,15 +705,17 @@ class CADETTrainer(SFTTrainer):
         kl = torch.zeros((), device=logits.device)
         if positions in ("corpus", "both") and self.nado_source_round is not None:
             hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
+            embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
             with torch.no_grad():
                 if self.nado.config.num_layers:
-                    nado_logits = self.nado(hidden, inputs.get("attention_mask"))[mask]
-                else:
-                    nado_logits = self.nado(hidden[mask])  # the head is position-wise: score the used positions only
-            kl_sum = cadet_kl(logits, nado_logits, reduction="none", lm_logprobs=log_p).sum()
-            kl = kl_sum / normaliser
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                kl = kl * self.accelerator.num_processes
+                    nado_logits = self.nado(hidden, inputs.get("attention_mask"), output_embeddings=embeddings)[mask]
+                else:  # the head is position-wise: score the used positions only
+                    nado_logits = self.nado(hidden[mask], output_embeddings=embeddings)
+            # Ω is the mean over its own positions (METHOD.md), so that λ does not depend on the length of the
+            # prompts around the completions; summed over accumulated micro-batches like the LM loss
+            kl = cadet_kl(logits, nado_logits, mask=omega, lm_logprobs=log_p)
+            if num_items_in_batch is not None:
+                kl = kl / self.current_gradient_accumulation_steps
             if lam > 0:
                 loss = loss + lam * kl
         if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
@@ -713,8 +794,9 @@ class CADETTrainer(SFTTrainer):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         outputs, logits = self._trained_logits(model, inputs, mask)
         hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
+        embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
-            nado_logits = self.nado(hidden, batch["attention_mask"])[mask]
+            nado_logits = self.nado(hidden, batch["attention_mask"], output_embeddings=embeddings)[mask]
         return cadet_kl(logits, nado_logits)
 
     # Saving and resuming
@@ -783,6 +865,7 @@ class CADETTrainer(SFTTrainer):
             "nado_source_round": self.nado_source_round,
             "oracle_calls": self.oracle_calls,
             "latest_samples": self._latest_samples.to_dict(),
+            "corpus_samples": None if self._corpus_samples is None else self._corpus_samples.to_dict(),
             # The arguments a resumed run compares its own with, to warn about a change
             "args": {
                 name: getattr(self.args, name) for name in ("cadet_lambda", "lambda_schedule", "steps_per_round")
@@ -852,6 +935,8 @@ class CADETTrainer(SFTTrainer):
         self.nado_source_round = state["nado_source_round"]
         self.oracle_calls = state["oracle_calls"]
         self._latest_samples = Samples(**state["latest_samples"])
+        corpus = state.get("corpus_samples")
+        self._corpus_samples = None if corpus is None else Samples(**corpus)
 
     def _reconcile_args(self, state: dict[str, Any]) -> None:
         """As in `Trainer`, the arguments of the resumed run win, except for state that must continue: warn about each

@@ -1,11 +1,18 @@
 """Reading a TRL dataset for CADET: where the oracle phase's prompts are, whether the corpus can be trained on, and the
 prompts themselves."""
 
+import logging
+import random
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.compute as pc
+import torch
 from datasets import Dataset, IterableDataset
 from trl.data_utils import maybe_convert_to_chatml
+
+
+logger = logging.getLogger(__name__)
 
 
 def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
@@ -117,3 +124,133 @@ def extract_prompts(
             if ids:
                 prompts.append(processing_class.decode(ids, skip_special_tokens=column == "input_ids"))
     return [p for p in prompts if p]
+
+
+@dataclass
+class AssistantMarkers:
+    """The tokens that open an assistant turn in a chat template (its generation prompt) and the token that closes it."""
+
+    header: list[int]
+    end: int
+
+
+def assistant_markers(tokenizer) -> AssistantMarkers | None:
+    """Read the assistant turn's opening tokens and closing token off the tokenizer's chat template, by rendering a
+    one-turn conversation with and without its generation prompt and with a reply. `None` when the template has no
+    generation prompt or closes turns with no special token (CADET then regularises every trained-on token)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+
+    def ids(messages, **kwargs) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer(text=text, add_special_tokens=False)["input_ids"]
+
+    user = [{"role": "user", "content": "Hello."}]
+    try:
+        plain = ids(user)
+        prompted = ids(user, add_generation_prompt=True)
+        full = ids(user + [{"role": "assistant", "content": "Fine, thanks."}])
+    except Exception as error:  # a template that refuses this conversation (e.g. one that needs a system turn)
+        logger.warning("Could not read the assistant markers off the chat template (%s).", error)
+        return None
+    common = next((i for i, (a, b) in enumerate(zip(plain, prompted)) if a != b), min(len(plain), len(prompted)))
+    header = prompted[common:]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    if not header or full[: len(prompted)] != prompted:
+        return None
+    end = next((token for token in full[len(prompted) :] if token in special), None)
+    return None if end is None else AssistantMarkers(header=header, end=end)
+
+
+def assistant_token_mask(input_ids: torch.Tensor, markers: AssistantMarkers) -> torch.Tensor:
+    """`[B, L]` bool: the tokens of assistant turns, from the first token after an assistant header to the closing token
+    included (the model learns to stop there); system prompts, user turns and the headers themselves are excluded."""
+    batch, length = input_ids.shape
+    header = torch.tensor(markers.header, device=input_ids.device)
+    width = len(markers.header)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    if length > width:
+        found = (input_ids.unfold(1, width, 1) == header).all(-1)  # [B, L - width + 1]: a header begins here
+        starts[:, width:] = found[:, : length - width]  # the turn begins right after its header
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    none = torch.full_like(positions, -1)
+    last_start = torch.where(starts, positions, none).cummax(dim=1).values
+    last_end = torch.where(input_ids == markers.end, positions, none).cummax(dim=1).values
+    end_before = torch.cat([none[:, :1], last_end[:, :-1]], dim=1)  # the last closing token strictly before t
+    return (last_start >= 0) & (last_start > end_before)
+
+
+@dataclass
+class CorpusCompletions:
+    """Completions of the training corpus as the oracle phase sees its own samples: the prompt (for the oracles), its
+    token ids (rendered as for sampling) and the completion's token ids (ending with the turn's closing token)."""
+
+    prompts: list[Any]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+
+
+def extract_completions(
+    dataset: Dataset | IterableDataset,
+    tokenizer,
+    count: int,
+    max_completion_length: int,
+    corpus_prompt_length: int,
+    text_field: str = "text",
+    seed: int = 0,
+) -> CorpusCompletions:
+    """Up to `count` completions drawn from the corpus (seeded), cut to `max_completion_length` tokens.
+
+    A conversational corpus gives its last assistant turn after the conversation before it, a prompt-completion corpus
+    its completions, a text corpus the `max_completion_length` tokens after its first `corpus_prompt_length` tokens.
+    Rows whose chat template does not render the prompt as a prefix of the whole conversation are skipped.
+    """
+    from .oracle_phase import render_prompt
+
+    if isinstance(dataset, Dataset):
+        order = random.Random(seed).sample(range(len(dataset)), min(count, len(dataset)))
+        rows = (dataset[i] for i in order)
+    else:
+        rows = iter(dataset)
+    columns = _column_names(dataset)
+    eos = {tokenizer.eos_token_id}
+    markers = assistant_markers(tokenizer)
+    if markers is not None:
+        eos.add(markers.end)
+    found = CorpusCompletions([], [], [])
+    for example in rows:
+        if len(found.prompts) >= count:
+            break
+        if "messages" in columns or "conversations" in columns:
+            messages = maybe_convert_to_chatml(example)["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if not last:
+                continue
+            prompt, completion = messages[:last], messages[last : last + 1]
+        elif "prompt" in columns and "completion" in columns:
+            prompt, completion = example["prompt"], example["completion"]
+        elif text_field in columns:
+            ids = tokenizer(text=example[text_field], add_special_tokens=False)["input_ids"]
+            if len(ids) <= corpus_prompt_length:
+                continue
+            found.prompts.append(tokenizer.decode(ids[:corpus_prompt_length]))
+            found.prompt_ids.append(ids[:corpus_prompt_length])
+            found.completion_ids.append(ids[corpus_prompt_length : corpus_prompt_length + max_completion_length])
+            continue
+        else:
+            return found
+        prompt_text = render_prompt(prompt, tokenizer)
+        if isinstance(prompt, list):
+            whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        else:
+            whole = prompt_text + completion + (tokenizer.eos_token or "")
+        prompt_ids = tokenizer(text=prompt_text, add_special_tokens=False)["input_ids"]
+        whole_ids = tokenizer(text=whole, add_special_tokens=False)["input_ids"]
+        if whole_ids[: len(prompt_ids)] != prompt_ids or len(whole_ids) == len(prompt_ids):
+            continue
+        completion_ids = whole_ids[len(prompt_ids) :]
+        cut = next((i + 1 for i, token in enumerate(completion_ids) if token in eos), len(completion_ids))
+        found.prompts.append(prompt)
+        found.prompt_ids.append(prompt_ids)
+        found.completion_ids.append(completion_ids[: min(cut, max_completion_length)])
+    return found

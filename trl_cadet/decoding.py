@@ -43,6 +43,7 @@ class NADOLogitsProcessor(LogitsProcessor):
             )
         self.nado = nado
         self.strength = strength
+        self._output_embeddings = model.get_output_embeddings()
         self._hidden: torch.Tensor | None = None
         self._handle = model.get_decoder().register_forward_hook(self._capture)
 
@@ -60,7 +61,8 @@ class NADOLogitsProcessor(LogitsProcessor):
         if self._hidden is None:
             raise RuntimeError("The LM ran no forward pass through its decoder before scoring; cannot guide it.")
         device = next(self.nado.parameters()).device
-        r = self.nado(self._hidden.to(device))[:, -1].to(scores.device)
+        embeddings = None if self._output_embeddings is None else self._output_embeddings.weight
+        r = self.nado(self._hidden.to(device), output_embeddings=embeddings)[:, -1].to(scores.device)
         return guided_logits(scores, r, self.strength).to(scores.dtype)
 
     def remove(self) -> None:

@@ -1,9 +1,19 @@
 """The auxiliary NADO model: `R(ctx, v) = sigmoid(r(ctx, v))` for every next token `v`, in one forward pass.
 
-It reads the hidden states of the LM (it holds no copy of the LM's weights, so it fits beside a 4-bit 7B model) and
-is a zero-initialised linear head, optionally over a few causal transformer layers of its own. Zero initialisation
-gives `R = 0.5` everywhere, hence `q = p` and a zero regulariser before the first oracle phase.
+It reads the hidden states of the LM and holds no copy of the LM's weights, so it fits beside a 4-bit 7B model. Two
+heads (see METHOD.md and docs/cadet_trainer.md):
+
+- `"tied"` (default): `r(ctx, v) = b + w·h + θ·E_v + (Q h)·(P^T E_v)` with `E_v` the LM's own output embedding of `v`
+  (read at each call, never stored) and `Q`, `P` of rank `rank`. Every sampled token trains what all tokens share, so
+  a few hundred labelled sequences are enough to generalise to tokens never sampled.
+- `"full"`: a `Linear(hidden, |V|)` head, as in the reference code; a row learns only when its token was sampled.
+
+Both start with `r` constant in `v` (`w`, `θ`, `P` and the full head at zero, `b = logit(prior)`): `R` does not depend
+on the next token, so `q = p` and the regulariser is zero before the first oracle phase. `b` is set to the logit of
+the first phase's mean label (`set_prior`), so that training starts at the base rate.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -27,6 +37,11 @@ class NADOConfig(PretrainedConfig):
             Feed-forward width of those layers. Defaults to `4 * hidden_size`.
         hidden_state_layer (`int`, *optional*, defaults to `-1`):
             Index into the LM's `hidden_states` that this model reads.
+        head (`str`, *optional*, defaults to `"tied"`):
+            `"tied"`: a low-rank head through the LM's output embeddings, which `forward` needs as
+            `output_embeddings`. `"full"`: a vocabulary-sized linear head.
+        rank (`int`, *optional*, defaults to `16`):
+            Rank of the context-token interaction of the tied head (`0`: none, `r = b + w·h + θ·E_v`).
         base_model_name_or_path (`str` or `None`, *optional*):
             The LM whose hidden states this model was trained on, for reference.
     """
@@ -41,15 +56,21 @@ class NADOConfig(PretrainedConfig):
         num_attention_heads: int | None = None,
         intermediate_size: int | None = None,
         hidden_state_layer: int = -1,
+        head: str = "tied",
+        rank: int = 16,
         base_model_name_or_path: str | None = None,
         **kwargs,
     ):
+        if head not in ("tied", "full"):
+            raise ValueError(f"`head` must be 'tied' or 'full', got {head!r}.")
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size
         self.num_layers = num_layers
         self.num_attention_heads = num_attention_heads or max(1, hidden_size // 64)
         self.intermediate_size = intermediate_size or 4 * hidden_size
         self.hidden_state_layer = hidden_state_layer
+        self.head = head
+        self.rank = rank
         self.base_model_name_or_path = base_model_name_or_path
         super().__init__(**kwargs)
 
@@ -71,15 +92,18 @@ class NADOModel(PreTrainedModel):
     r"""
     NADO model: R-logits for every next token from the LM's hidden states.
 
-    `forward(hidden_states, attention_mask=None)` takes `[B, L, hidden_size]` states (causally aligned, as the LM's
-    logits: position `t` scores the token at `t + 1`) and returns `[B, L, vocab_size]` logits `r` with
-    `R = sigmoid(r)`.
+    `forward(hidden_states, attention_mask=None, output_embeddings=None)` takes `[..., L, hidden_size]` states
+    (causally aligned, as the LM's logits: position `t` scores the token at `t + 1`) and returns `[..., L, vocab_size]`
+    logits `r` with `R = sigmoid(r)`. The tied head needs the LM's output embeddings `[vocab_size, hidden_size]` (its
+    LM-head weight), read at each call.
 
     Example:
 
     ```python
     >>> outputs = lm(input_ids, output_hidden_states=True)
-    >>> nado_logits = nado(outputs.hidden_states[nado.config.hidden_state_layer])
+    >>> nado_logits = nado(
+    ...     outputs.hidden_states[nado.config.hidden_state_layer], output_embeddings=lm.get_output_embeddings().weight
+    ... )
     ```
     """
 
@@ -103,18 +127,44 @@ class NADOModel(PreTrainedModel):
             for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size) if config.num_layers > 0 else nn.Identity()
-        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.head == "full":
+            self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        else:
+            self.bias = nn.Parameter(torch.zeros(()))
+            self.context = nn.Linear(config.hidden_size, 1, bias=False)  # w
+            self.token = nn.Parameter(torch.zeros(config.hidden_size))  # θ
+            self.query = nn.Linear(config.hidden_size, config.rank, bias=False) if config.rank else None  # Q
+            self.key = nn.Parameter(torch.zeros(config.hidden_size, config.rank))  # P (no columns when rank is 0)
+        # Whether `bias` was set from the labels of a first oracle phase (saved with the weights)
+        self.register_buffer("prior_is_set", torch.zeros((), dtype=torch.bool))
         self.post_init()
 
     def _init_weights(self, module):
-        # The head starts at zero (R = 0.5, q = p); the extra layers keep torch's own initialisation
+        # r starts constant in v; Q keeps a random start so that the product Q·P has a gradient
         if module is getattr(self, "head", None):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
+        elif module is getattr(self, "context", None):
+            nn.init.zeros_(module.weight)
+        elif module is getattr(self, "query", None):
+            nn.init.normal_(module.weight, std=self.config.hidden_size**-0.5)
+
+    @torch.no_grad()
+    def set_prior(self, rate: float) -> None:
+        """Start `R` at `rate` everywhere (the bias of the head), once: later calls do nothing."""
+        if bool(self.prior_is_set):
+            return
+        rate = min(max(float(rate), 1e-3), 1 - 1e-3)
+        logit = math.log(rate / (1 - rate))
+        if self.config.head == "full":
+            self.head.bias.fill_(logit)
+        else:
+            self.bias.fill_(logit)
+        self.prior_is_set.fill_(True)
 
     @classmethod
     def from_lm(cls, lm: PreTrainedModel, num_layers: int = 0, hidden_state_layer: int = -1, **kwargs) -> "NADOModel":
-        """A zero-initialised NADO model sized for `lm` (its hidden size and logits dimension)."""
+        """A new NADO model sized for `lm` (its hidden size and logits dimension)."""
         text_config = lm.config.get_text_config()
         output_embeddings = lm.get_output_embeddings()
         vocab_size = output_embeddings.weight.shape[0] if output_embeddings is not None else text_config.vocab_size
@@ -128,8 +178,14 @@ class NADOModel(PreTrainedModel):
         )
         return cls(config)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states.to(self.head.weight.dtype)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dtype = self.norm.weight.dtype if self.layers else next(self.parameters()).dtype
+        hidden_states = hidden_states.to(dtype)
         if self.layers:
             mask = _causal_padding_mask(
                 attention_mask,
@@ -140,4 +196,23 @@ class NADOModel(PreTrainedModel):
             )
             for layer in self.layers:
                 hidden_states = layer(hidden_states, src_mask=mask)
-        return self.head(self.norm(hidden_states))
+        hidden_states = self.norm(hidden_states)
+        if self.config.head == "full":
+            return self.head(hidden_states)
+        if output_embeddings is None:
+            raise ValueError(
+                "The tied NADO head scores tokens through the LM's output embeddings: pass "
+                "`output_embeddings=lm.get_output_embeddings().weight`."
+            )
+        # Both sides at unit scale (embeddings by their global RMS, states per position), so that the learning rate
+        # means the same for any LM. [V, rank + 1] is computed in the embeddings' own dtype and device, then cast: no
+        # copy of the embeddings is made
+        embeddings = output_embeddings.detach()
+        projection = torch.cat([self.key, self.token[:, None]], dim=1)
+        token_side = (embeddings @ projection.to(embeddings.dtype)).to(device=hidden_states.device, dtype=dtype)
+        rms = torch.linalg.vector_norm(embeddings, dtype=torch.float32) / embeddings.numel() ** 0.5
+        token_side = token_side / rms.clamp(min=1e-12).to(token_side.device)
+        token_keys, token_bias = token_side[:, :-1], token_side[:, -1]
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + 1e-6)
+        r = self.bias + self.context(hidden_states) + token_bias  # [..., L, V]
+        return r if self.query is None else r + self.query(hidden_states) @ token_keys.T

@@ -9,6 +9,8 @@ Conventions, as in transformers and TRL:
 Everything is computed in float32 and in log space, so that saturated `R` (a logit of +-1e4) gives no NaN.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -204,3 +206,14 @@ def regularized_mask(labels: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != -100
     return mask
+
+
+def adaptive_lambda(
+    lam: float, satisfaction: float, target: float, lr: float, bounds: tuple[float, float] = (1e-3, 1e3)
+) -> float:
+    """One step of dual ascent on the constraint `E[C] >= target`, in log space: `log λ ← log λ + lr · (target - ĉ)`.
+
+    The step is relative, so λ grows or shrinks by the same factor for the same gap whatever its size (an additive step
+    barely moves a large λ and overshoots a small one). The result is clipped to `bounds`.
+    """
+    return float(min(max(lam * math.exp(lr * (target - satisfaction)), bounds[0]), bounds[1]))

@@ -307,12 +307,16 @@ def sample_features(
     batch_size: int,
     proposal: tuple[float, float] | None = None,
     progress: bool = False,
+    use_head: bool | None = None,
 ) -> tuple[list[SampleFeatures], torch.Tensor | None]:
     """One forward pass of `policy` over the samples: their `SampleFeatures`, and, with `proposal=(temperature,
-    top_p)`, the self-normalised importance weights `p_θ(y|x) / p_sample(y|x)` of the completions (else `None`)."""
+    top_p)`, the self-normalised importance weights `p_θ(y|x) / p_sample(y|x)` of the completions (else `None`).
+
+    `use_head`: whether to keep the final hidden states (and run the LM head on them later) instead of the logits;
+    decided on the first batch when `None`, so pass the decision of an earlier call when both calls' features are
+    batched together."""
     policy_device, device = policy.device, next(nado.parameters()).device
     head = policy.get_output_embeddings()
-    use_head = None  # decided on the first batch: whether `head(final hidden states)` reproduces the logits
     top_p_warper = TopPLogitsWarper(proposal[1]) if proposal is not None and proposal[1] < 1.0 else None
     features: list[SampleFeatures] = []
     policy_lp, proposal_lp = [], []
@@ -359,9 +363,17 @@ def sample_features(
     return features, weights
 
 
+def output_embedding_weight(model: PreTrainedModel) -> torch.Tensor | None:
+    """The LM-head weight `[V, H]` of `model` (a PEFT model too), which the tied NADO head reads; `None` if it has
+    none."""
+    head = model.get_output_embeddings()
+    return None if head is None else head.weight
+
+
 def _nado_batch(policy, nado: NADOModel, features: list[SampleFeatures]):
     """`(nado_logits, lm_logits, tokens, completion_mask)` over the windows of `features`, right-padded."""
     device = next(nado.parameters()).device
+    embeddings = output_embedding_weight(policy)
     tokens = _pad_rows([f.tokens for f in features])
     lengths = torch.tensor([len(f.tokens) for f in features], device=device)
     columns = torch.arange(tokens.shape[1], device=device)
@@ -372,10 +384,10 @@ def _nado_batch(policy, nado: NADOModel, features: list[SampleFeatures]):
         # The layers attend to the whole sequence; only the windows are scored
         offsets = torch.tensor([f.offset for f in features], device=device)
         positions = (offsets[:, None] + columns[None]).clamp(max=states.shape[1] - 1)
-        nado_logits = nado(states, attention_mask)
+        nado_logits = nado(states, attention_mask, output_embeddings=embeddings)
         nado_logits = nado_logits.gather(1, positions[..., None].expand(-1, -1, nado_logits.shape[-1]))
     else:
-        nado_logits = nado(_pad_rows([f.nado_states for f in features]))
+        nado_logits = nado(_pad_rows([f.nado_states for f in features]), output_embeddings=embeddings)
     with torch.no_grad():
         if features[0].head_states is not None:
             lm_logits = policy.get_output_embeddings()(_pad_rows([f.head_states for f in features]))
@@ -397,15 +409,16 @@ def train_nado(
     top_p: float = 1.0,
     importance_weighting: bool = True,
     seed: int = 0,
+    extra_samples: Samples | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Train `nado` on labelled samples of `policy` (warm start: it keeps its weights and optimiser state).
 
     With a sampling proposal other than the policy (`temperature != 1` or `top_p < 1`), each completion is weighted by
-    the self-normalised importance weight `p_θ(y|x) / p_sample(y|x)` over all the phase's samples.
+    the self-normalised importance weight `p_θ(y|x) / p_sample(y|x)` over all the phase's samples. `extra_samples`
+    (labelled corpus completions, not drawn from the proposal) are added with weight 1.
     """
     device = next(nado.parameters()).device
-    n = len(samples)
     tempered = importance_weighting and (temperature != 1.0 or top_p < 1.0)
     start_time = time.perf_counter()
     features, weights = sample_features(
@@ -417,9 +430,26 @@ def train_nado(
         proposal=(temperature, top_p) if tempered else None,
         progress=progress,
     )
-    weights = (torch.ones(n) if weights is None else weights).to(device)
+    weights = torch.ones(len(samples)) if weights is None else weights.cpu()
+    labels = list(samples.labels)
+    if extra_samples is not None and len(extra_samples):
+        extra_features, _ = sample_features(
+            policy,
+            nado,
+            extra_samples,
+            pad_token_id,
+            batch_size,
+            progress=progress,
+            use_head=features[0].head_states is not None if features else None,
+        )
+        features += extra_features
+        weights = torch.cat([weights, torch.ones(len(extra_samples))])
+        labels += extra_samples.labels
+    n = len(features)
+    weights = weights.to(device)
     features_time = time.perf_counter() - start_time
-    labels = torch.tensor(samples.labels, dtype=torch.float32, device=device)
+    labels = torch.tensor(labels, dtype=torch.float32, device=device)
+    nado.set_prior(labels.mean().item())  # a new NADO model starts at the base rate; a trained one keeps its bias
     generator = torch.Generator().manual_seed(seed)
     totals = {"bce": 0.0, "consistency": 0.0, "accuracy": 0.0}
     steps = 0
@@ -486,10 +516,14 @@ def run_oracle_phase(
     args,
     round_index: int,
     gather=None,
+    corpus_samples: Samples | None = None,
     progress: bool = False,
     stop=None,
 ) -> PhaseResult:
     """Sample from `policy`, label with `oracles`, and train `nado` in place. `args` is a `CADETConfig`.
+
+    `corpus_samples`, labelled completions of the training corpus, are added to the NADO model's training data (their
+    features are those of the current `policy`); the phase's metrics describe the policy's samples only.
 
     `gather`, when given, merges the `Labelling` of all processes (each process samples its share of the prompts) so
     that every process trains the NADO model on the same data and logs the phase's global metrics. `stop`, a
@@ -549,6 +583,7 @@ def run_oracle_phase(
                     optimizer,
                     samples,
                     pad_token_id=processing_class.pad_token_id,
+                    extra_samples=corpus_samples,
                     epochs=args.nado_epochs,
                     batch_size=args.nado_batch_size,
                     consistency_weight=args.nado_consistency_weight,

@@ -54,7 +54,7 @@ def fsdp2_checks(trainer, tokenizer, oracle) -> dict:
         snapshot_error = None
     except RuntimeError as error:
         snapshot_error = str(error)
-    nado = NADOModel.from_lm(build_llama(tokenizer))
+    nado = NADOModel.from_lm(build_llama(tokenizer), head="full")  # sharded output embeddings: the full head
     optimizer = torch.optim.AdamW(nado.parameters(), lr=1e-2)
     prompts, prompt_ids = trainer._round_prompts(7)
     result = run_oracle_phase(

@@ -64,6 +64,7 @@ def main(output_dir: str, mode: str) -> None:
         save_steps=2,
         prompts_per_round=2,
         max_completion_length=6,
+        nado_corpus_samples=0,  # the oracle's calls are the phases' only
     )
     corpus = Dataset.from_list([{"text": f"hello there, you are number {i}"} for i in range(16)])
     trainer = CADETTrainer(
