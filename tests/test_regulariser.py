@@ -1,0 +1,205 @@
+"""What makes the regulariser work: Ω only on assistant tokens, a NADO head that starts at q = p and generalises across
+tokens, corpus completions in NADO training, and an adaptive λ that reaches its target."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_cadet_config
+from datasets import Dataset
+from test_cadet_trainer import BAD_WORD, corpus, no_bad_word
+
+from trl_cadet import CADETTrainer, NADOModel, cadet_kl, target_logprobs
+from trl_cadet.data_utils import assistant_markers, assistant_token_mask, extract_completions
+from trl_cadet.nado import adaptive_lambda, regularized_mask
+from trl_cadet.oracle_phase import Samples, train_nado
+
+
+def conversations(n: int = 24) -> Dataset:
+    """Two-turn conversations with a system prompt, so that most trained tokens are not the assistant's."""
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "be nice and helpful to the user"},
+                    {"role": "user", "content": "hello there, how are you today?"},
+                    {"role": "assistant", "content": "you are an idiot" if i % 3 == 0 else "good morning"},
+                    {"role": "user", "content": "what is your favourite book?"},
+                    {"role": "assistant", "content": "stories about ships"},
+                ]
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def test_assistant_mask_covers_the_replies_and_their_end_tokens_only(tokenizer):
+    markers = assistant_markers(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(markers.header) == ["<|assistant|>"]
+    assert tokenizer.convert_ids_to_tokens([markers.end]) == ["<|end|>"]
+    messages = conversations(1)[0]["messages"]
+    ids = tokenizer(text=tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
+    mask = assistant_token_mask(torch.tensor([ids]), markers)[0]
+    kept = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert kept == "you are an idiot<|end|>stories about ships<|end|>"
+
+
+def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, tmp_path):
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, cadet_lambda=1.0),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    with torch.no_grad():  # a NADO model whose R depends on the token, so that the KL is not zero
+        for param in trainer.nado.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    trainer.nado_source_round = 0
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+        outputs = trainer.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        nado_logits = trainer.nado(outputs.hidden_states[-1], output_embeddings=trainer.model.lm_head.weight)
+    per_context = cadet_kl(outputs.logits, nado_logits, reduction="none")  # [B, L]
+    trained = regularized_mask(batch["labels"])
+    assistant = torch.zeros_like(trained)
+    assistant[:, :-1] = assistant_token_mask(batch["input_ids"], trainer._assistant_markers)[:, 1:]
+    assert (trained & ~assistant).sum() > 2 * (trained & assistant).sum()  # most trained tokens are not replies
+    expected = per_context[trained & assistant].mean()
+    logged = trainer._metrics["train"]["cadet/kl"][-1]
+    assert logged == pytest.approx(expected.item(), rel=1e-4)
+    assert per_context[trained & ~assistant].mean().item() != pytest.approx(logged, rel=1e-2)
+
+
+def test_omega_covers_every_trained_token_of_a_text_corpus(tokenizer, tiny_llama, tmp_path):
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=lambda prompts, completions, **kwargs: [1.0] * len(completions),
+        args=tiny_cadet_config(tmp_path),
+        train_dataset=Dataset.from_list([{"text": "hello there, how are you today?"}] * 8),
+        processing_class=tokenizer,
+    )
+    assert trainer._assistant_markers is None
+
+
+def test_corpus_completions_are_the_replies_with_their_end_token(tokenizer):
+    found = extract_completions(conversations(6), tokenizer, 4, max_completion_length=32, corpus_prompt_length=4)
+    assert len(found.prompts) == 4
+    for prompt, prompt_ids, completion_ids in zip(found.prompts, found.prompt_ids, found.completion_ids, strict=True):
+        assert prompt[-1]["role"] == "user" and len(prompt) == 4  # the conversation before the last reply
+        assert tokenizer.decode(completion_ids) == "stories about ships<|end|>"
+        assert tokenizer.decode(prompt_ids).endswith("<|assistant|>")
+
+
+def test_corpus_completions_are_labelled_once_and_counted(tokenizer, tiny_llama, tmp_path):
+    calls = []
+
+    def oracle(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        return no_bad_word(prompts, completions)
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=oracle,
+        args=tiny_cadet_config(tmp_path, nado_corpus_samples=12, max_steps=4, steps_per_round=2),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    samples = trainer._corpus_samples
+    assert len(samples) == 12
+    texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+    assert list(samples.labels) == [0.0 if BAD_WORD in text else 1.0 for text in texts]
+    assert 0.0 in samples.labels and 1.0 in samples.labels
+    # 12 corpus completions once, then the policy's samples of the two rounds (4 prompts x 2 generations each)
+    assert sum(calls) == 12 + 2 * 8 == trainer.oracle_calls
+
+
+def test_tied_head_starts_at_q_equal_p(tiny_llama):
+    nado = NADOModel.from_lm(tiny_llama)
+    nado.set_prior(0.8)
+    hidden = torch.randn(2, 5, tiny_llama.config.hidden_size)
+    r = nado(hidden, output_embeddings=tiny_llama.lm_head.weight)
+    torch.testing.assert_close(torch.sigmoid(r), torch.full_like(r, 0.8))
+    lm_logits = torch.randn(2, 5, tiny_llama.config.vocab_size)
+    torch.testing.assert_close(target_logprobs(lm_logits, r), torch.log_softmax(lm_logits, -1))
+    nado.set_prior(0.3)  # once set, the prior stays
+    torch.testing.assert_close(torch.sigmoid(nado(hidden, output_embeddings=tiny_llama.lm_head.weight)), r.sigmoid())
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    return ((positive[:, None] > negative[None]).float() + 0.5 * (positive[:, None] == negative[None]).float()).mean()
+
+
+def test_tied_head_generalises_to_unsampled_tokens_where_the_full_head_cannot(tiny_llama):
+    """A constraint carried by a direction of the output embeddings (as toxicity is, roughly, in a real LM). Training
+    samples use half of the vocabulary, held-out samples the other half, as a round's few hundred samples leave most of
+    a real vocabulary unsampled. What the regulariser needs is `R` lower at a sequence's first violating token than at
+    the benign tokens before it: only a head that shares strength across tokens can say so of tokens it never saw."""
+    model = tiny_llama.eval()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(model.config.hidden_size, generator=generator)
+    score = model.lm_head.weight.detach() @ direction
+    bad = score > score.quantile(0.85)  # 15% of tokens violate the constraint
+    tokens = torch.randperm(vocab - 10, generator=generator) + 10
+    seen, unseen = tokens[: len(tokens) // 2], tokens[len(tokens) // 2 :]
+
+    def samples(pool: torch.Tensor, n: int) -> Samples:
+        out = Samples()
+        for _ in range(n):
+            completion = pool[torch.randint(len(pool), (4,), generator=generator)].tolist()
+            out.prompt_ids.append([5, 6])
+            out.completion_ids.append(completion)
+            label = 0.0 if bad[completion].any() else 1.0
+            out.scores.append(label)
+            out.labels.append(label)
+        return out
+
+    train, heldout = samples(seen, 160), samples(unseen, 200)
+    aucs = {}
+    for head in ("tied", "full"):
+        torch.manual_seed(0)
+        nado = NADOModel.from_lm(model, head=head)
+        optimizer = torch.optim.AdamW(nado.parameters(), lr=1e-3)  # the library's defaults
+        train_nado(model, nado, optimizer, train, 0, epochs=4, batch_size=16, consistency_weight=1.0)
+        benign, first_bad = [], []
+        with torch.no_grad():
+            for prompt, completion in zip(heldout.prompt_ids, heldout.completion_ids, strict=True):
+                ids = torch.tensor([prompt + completion])
+                hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+                r = nado(hidden, output_embeddings=model.lm_head.weight)[0]
+                for t in range(len(prompt) - 1, ids.shape[1] - 1):
+                    token = ids[0, t + 1].item()
+                    if bad[token]:
+                        first_bad.append(r[t, token].item())
+                        break
+                    benign.append(r[t, token].item())
+        scores = torch.tensor(benign + first_bad)
+        aucs[head] = _auc(scores, torch.tensor([1] * len(benign) + [0] * len(first_bad)))
+    assert aucs["tied"] > 0.7, aucs
+    assert aucs["tied"] > aucs["full"] + 0.2, aucs
+
+
+def test_adaptive_lambda_reaches_the_target_satisfaction():
+    """A toy in which the satisfaction grows with λ: dual ascent in log space settles on the target, from above and
+    from below, and a step scales with λ."""
+
+    def satisfaction(lam: float) -> float:
+        return 1.0 - 0.5 * math.exp(-lam / 3.0)
+
+    for start in (0.1, 100.0):
+        lam = start
+        for _ in range(60):
+            lam = adaptive_lambda(lam, satisfaction(lam), target=0.9, lr=4.0)
+        assert satisfaction(lam) == pytest.approx(0.9, abs=0.01), start
+    assert adaptive_lambda(16.0, 0.8, 0.9, 4.0) / 16.0 == pytest.approx(adaptive_lambda(1.0, 0.8, 0.9, 4.0))
+    assert adaptive_lambda(1e-3, 1.0, 0.0, 4.0) == 1e-3  # clipped
