@@ -170,6 +170,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         "--dpo_num_samples", type=int, default=None, help="DPO samples per prompt, k (default: 4; tiny: 2)."
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument(
+        "--lambdas",
+        default=None,
+        help="Comma-separated λ values: the `cadet` row runs once per value (a trade-off curve, as the paper's "
+        "Figure 3). Default: the demo's λ only.",
+    )
     parser.add_argument("--no_plot", action="store_true", help="Do not write the plots.")
     parser.add_argument("--dry_run", action="store_true", help="Print the runs that the budgets give, and exit.")
     args, passthrough = parser.parse_known_args(argv)
@@ -191,6 +197,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"--{name} must be at least 1.")
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", f"quality-{args.model}")
+    args.lambdas = None if args.lambdas is None else [float(value) for value in args.lambdas.split(",") if value]
     return args, passthrough
 
 
@@ -290,7 +297,9 @@ def plan_runs(
         "prompts_per_round": min(config.prompts_per_round, num_prompts),
         "num_generations": config.num_generations,
     }
+    # the oracle phases' samples, and the corpus completions labelled once for the NADO model
     cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"]
+    cadet_calls += min(config.nado_corpus_samples, num_train)
     budget_calls = options["oracle_calls"] if options["oracle_calls"] is not None else cadet_calls
     group = options["grpo_num_generations"]
     grpo_batch = math.ceil(config.per_device_train_batch_size / group) * group
@@ -334,11 +343,17 @@ def plan_runs(
     runs, entries = {}, []
     for budget in budgets:
         for row in rows:
-            plan = plans[budget][row]
-            key = json.dumps([row, plan], sort_keys=True)
-            if key not in runs:
-                runs[key] = {"run_id": f"{budget}-{row}", "row": row, "plan": plan}
-            entries.append({"budget": budget, "row": row, "run_id": runs[key]["run_id"], "plan": plan})
+            variants = [(row, plans[budget][row])]
+            if row == "cadet" and options.get("lambdas"):
+                variants = [
+                    (f"cadet λ={lam:g}", {**plans[budget][row], "cadet_lambda": lam}) for lam in options["lambdas"]
+                ]
+            for label, plan in variants:
+                key = json.dumps([row, plan], sort_keys=True)
+                if key not in runs:
+                    run_id = f"{budget}-{label}".replace(" λ=", "-lambda")
+                    runs[key] = {"run_id": run_id, "row": row, "plan": plan}
+                entries.append({"budget": budget, "row": label, "run_id": runs[key]["run_id"], "plan": plan})
     summary = {
         "max_steps": steps,
         "rounds": rounds,
@@ -606,7 +621,7 @@ def _cadet(context, plan, oracle, output_dir, **schedule):
 
 
 def row_cadet(context, plan, oracle, output_dir):
-    return _cadet(context, plan, oracle, output_dir)
+    return _cadet(context, plan, oracle, output_dir, **{k: plan[k] for k in ("cadet_lambda",) if k in plan})
 
 
 def row_cadet_parallel(context, plan, oracle, output_dir):
@@ -631,7 +646,7 @@ def peak_rss_mib() -> float:
 def run_row(context: Context, run: dict) -> dict:
     import torch
 
-    from trl_cadet.evaluation import evaluate_model
+    from trl_cadet.evaluation import evaluate_model, perplexity
     from trl_cadet.oracles import load_oracle
 
     if context.options["threads"]:
@@ -650,6 +665,7 @@ def run_row(context: Context, run: dict) -> dict:
 
     start = time.perf_counter()
     model.eval()
+    fluency_model = load_model(context).eval()  # the base model scores every row's samples for fluency
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 512
     report = evaluate_model(
         model,
@@ -663,8 +679,13 @@ def run_row(context: Context, run: dict) -> dict:
         max_length=min(512, max_positions),
         logits_processor=processor,
         model_name_or_path=f"{run['row']} ({context.model_path})",
+        fluency_model=fluency_model,
         show_progress=False,
     )
+    if "useful" in context.corpus:
+        report["useful_perplexity"] = perplexity(
+            model, context.tokenizer, context.corpus["useful"]["messages"], show_progress=False
+        )
     eval_s = time.perf_counter() - start
     result = {
         "lm_steps": trainer.state.global_step if trainer is not None else 0,
@@ -676,6 +697,8 @@ def run_row(context: Context, run: dict) -> dict:
             for name, m in report["toxicity"].items()
         },
         "perplexity": report["perplexity"],
+        "useful_perplexity": report.get("useful_perplexity"),
+        "fluency": report["fluency"],
         "info": info,
         "report": report,
     }
@@ -742,15 +765,20 @@ def format_table(rows: list[dict], judges: list[str], oracle: str) -> str:
     header = ["budget", "row"]
     header += [f"EMT[{judge_name(j)}]" for j in judges] + [f"P(tox)[{judge_name(j)}]" for j in judges]
     gpu = any(row.get("peak_cuda_mib") is not None for row in rows)
-    header += ["ppl", "LM steps", "oracle calls", "wall s", "peak MiB"] + (["peak GPU MiB"] if gpu else []) + ["error"]
+    useful = any(row.get("useful_perplexity") is not None for row in rows)
+    header += ["ppl"] + ["useful ppl"] * useful + ["gen. ppl", "dist-2"]
+    header += ["LM steps", "oracle calls", "wall s", "peak MiB"] + (["peak GPU MiB"] if gpu else []) + ["error"]
     lines = [header]
     for row in rows:
         tox = row.get("toxicity") or {}
         line = [row["budget"], row["row"]]
         line += [number(tox.get(j, {}).get("expected_max_toxicity"), ".3f") for j in judges]
         line += [number(tox.get(j, {}).get("toxicity_probability"), ".3f") for j in judges]
+        fluency = row.get("fluency") or {}
+        line += [number(row.get("perplexity"), ".2f")]
+        line += [number(row.get("useful_perplexity"), ".2f")] * useful
+        line += [number(fluency.get("generation_perplexity"), ".2f"), number(fluency.get("distinct_2"), ".3f")]
         line += [
-            number(row.get("perplexity"), ".2f"),
             number(row.get("lm_steps"), "d"),
             number(row.get("oracle_calls"), "d"),
             number(row.get("wall_clock_s"), ".1f"),
@@ -774,7 +802,7 @@ def plot(rows: list[dict], output_dir: str) -> list[str]:
     paths = []
     for budget in dict.fromkeys(row["budget"] for row in rows):
         entries = [
-            {"label": row["row"], "lambda": None, "report": row["report"]}
+            {"label": row["row"], "lambda": row["plan"].get("cadet_lambda"), "report": row["report"]}
             for row in rows
             if row["budget"] == budget and row.get("report")
         ]
@@ -800,6 +828,7 @@ def main(argv=None) -> int:
             "grpo_num_generations",
             "dpo_num_samples",
             "threads",
+            "lambdas",
         )
     }
     import torch
