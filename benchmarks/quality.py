@@ -45,9 +45,10 @@ Budgets (`--budget steps`, `--budget oracle_calls`, or `--budget both`, the defa
 - `oracle_calls`: every row that uses the oracle gets the same number B of oracle calls (`--oracle_calls`; by
   default what CADET uses under the step budget, so that CADET and NADO decoding run once and appear in both tables).
   The rule, per method:
-    - CADET (all three) and NADO decoding keep `--max_steps` and `steps_per_round`, hence the number of rounds R; each
-      round labels B // R samples: `num_generations` is raised to ceil((B // R) / #prompts) when the oracle-phase
-      prompts are too few, and `prompts_per_round` = (B // R) // `num_generations`.
+    - CADET (all three) and NADO decoding keep `--max_steps` and `steps_per_round`, hence the number of rounds R; CADET
+      first labels its `nado_corpus_samples` corpus completions (C calls; NADO decoding labels none), then each round
+      labels (B - C) // R samples: `num_generations` is raised to ceil(((B - C) // R) / #prompts) when the
+      oracle-phase prompts are too few, and `prompts_per_round` = ((B - C) // R) // `num_generations`.
     - GRPO keeps its per-step batch b and makes B // b optimizer steps (each step scores b fresh completions).
     - DPO keeps `--max_steps`; it samples k = max(`--dpo_num_samples`, ceil(B / #prompts)) completions for each of
       B // k oracle-phase prompts (drawn with `--seed`).
@@ -298,8 +299,8 @@ def plan_runs(
         "num_generations": config.num_generations,
     }
     # the oracle phases' samples, and the corpus completions labelled once for the NADO model
-    cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"]
-    cadet_calls += min(config.nado_corpus_samples, num_train)
+    corpus_calls = min(config.nado_corpus_samples, num_train)
+    cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"] + corpus_calls
     budget_calls = options["oracle_calls"] if options["oracle_calls"] is not None else cadet_calls
     group = options["grpo_num_generations"]
     grpo_batch = math.ceil(config.per_device_train_batch_size / group) * group
@@ -313,7 +314,7 @@ def plan_runs(
             grpo = {"max_steps": steps, "batch_size": grpo_batch, "num_generations": group}
             dpo = {"max_steps": steps, "num_prompts": num_prompts, "num_samples": k}
         else:
-            per_round = max(1, budget_calls // rounds)
+            per_round = max(1, (budget_calls - corpus_calls) // rounds)  # CADET's corpus completions come first
             generations = min(per_round, max(config.num_generations, math.ceil(per_round / num_prompts)))
             sampling = {
                 "rounds": rounds,
