@@ -1,5 +1,6 @@
 __version__ = "0.1.0.dev0"
 
+from . import _quiet  # noqa: F401  (first: before any library that imports bitsandbytes)
 from .cadet_config import CADETConfig
 from .cadet_trainer import CADETTrainer
 from .decoding import NADOLogitsProcessor

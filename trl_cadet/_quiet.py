@@ -1,0 +1,16 @@
+"""Imported first by `trl_cadet`: silence what is noise for CADET's users in the libraries it imports, and only that.
+
+bitsandbytes announces, at every import on an AVX512-BF16 CPU, that an optional inference kernel could not be fetched
+from the Hub. CADET trains its 4-bit layers unpacked (`trl_cadet.trainability`), where that kernel is never used.
+Every other bitsandbytes message goes through.
+"""
+
+import logging
+
+
+class _OptionalKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
