@@ -203,6 +203,7 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
         if useful is not None:
             report["useful_perplexity"] = perplexity(model, tokenizer, useful)
         report["label"] = name
+        print_table([report], list(judges))  # each model's figures as soon as they are measured
         return report
 
     reports = []
@@ -221,6 +222,7 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
             # Evaluating in eval mode can leave 4-bit weights in a layout gradients do not flow through
             keep_4bit_layers_trainable(sft.model)
         sft.train()
+        sft.save_model()  # to `<output_dir>/sft`, so that the baseline can be judged again without retraining
         if sft.accelerator.is_main_process:
             reports.append(evaluate(sft.model, "sft"))
             reports[-1]["lambda"] = 0.0
@@ -256,7 +258,16 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
         plot_reports(entries, os.path.join(training_args.output_dir, "report.png"))
     except ImportError as error:  # matplotlib is in the `demo` extra
         logger.warning("No plot: %s", error)
-    print(f"Report: {report_path}")
+    output_dir = training_args.output_dir
+    print(f"\nReport: {report_path} (plot: {os.path.join(output_dir, 'report.png')})")
+    print(f"CADET model: {output_dir} (its NADO model in {os.path.join(output_dir, 'nado')})")
+    if demo_args.baselines:
+        print(f"Plain SFT baseline: {os.path.join(output_dir, 'sft')}")
+    print(f"Base model: {model_path}")
+    print(
+        "Judge a saved model again: trl-cadet evaluate --model MODEL_DIR --prompts demo --texts demo "
+        "--judges jigsaw,profanity"
+    )
 
 
 def print_table(reports: list[dict], judges: list[str]) -> None:

@@ -49,10 +49,18 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
     assert (output_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output_dir / "nado" / "config.json").is_file()  # the NADO model travels with the saved LM
     assert (output_dir / "adapter_config.json").is_file()  # LoRA by default
+    assert (output_dir / "sft" / "adapter_config.json").is_file()  # the baseline is kept, to be judged again
+    for report in reports:  # fluency of the samples beside their toxicity
+        assert report["fluency"]["generation_perplexity"] > 1.0 and 0.0 < report["fluency"]["distinct_1"] <= 1.0
     table = result.stdout.splitlines()
     header = next(line for line in table if line.startswith("model"))
-    assert "EMT[jigsaw]" in header and "EMT[profanity]" in header and "ppl" in header
+    assert "EMT[jigsaw]" in header and "EMT[profanity]" in header and "ppl" in header and "gen. ppl" in header
+    assert [line.split()[0] for line in table if line.split()[:1] in (["base"], ["sft"], ["cadet"])][:2] == [
+        "base",
+        "sft",
+    ]  # each model's figures are printed as soon as they are measured, before the final table
     assert any(line.startswith("cadet") for line in table)
+    assert f"Plain SFT baseline: {output_dir / 'sft'}" in result.stdout  # the run says where everything went
 
 
 def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):
