@@ -422,7 +422,13 @@ def test_plot_reports_puts_perplexities_an_order_apart_on_a_log_axis(tmp_path, m
     ]
     plot_reports(entries, str(tmp_path / "plot.png"))
     (figure,) = figures
-    assert figure.axes[0].get_xscale() == scale
+    axis = figure.axes[0]
+    assert axis.get_xscale() == scale
+    assert "lower left is better" in axis.get_title()
+    if scale == "log":  # labelled ticks between the decades, so that close perplexities can be told apart
+        figure.canvas.draw()
+        labels = {tick.get_text() for tick in axis.get_xticklabels() if tick.get_text()}
+        assert {"5", "10", "20", "50"} <= labels, labels
     assert (tmp_path / "plot.png").is_file()
 
 

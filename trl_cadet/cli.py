@@ -287,9 +287,15 @@ def plot_reports(entries: list[dict[str, Any]], output: str, judges: list[str] |
                     ax.annotate(entry["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         perplexities = [ppl(e) for e in with_ppl]
         if max(perplexities) >= 10 * min(perplexities):  # e.g. a base model beside fine-tuned ones
+            from matplotlib.ticker import FuncFormatter, LogLocator
+
             ax.set_xscale("log")
+            # Ticks at 1, 2, 3, 5 of every decade, labelled, so that 3.75 and 5.92 can be told apart
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
         ax.set_xlabel("Perplexity (held-out text)")
-        ax.set_title("Toxicity vs perplexity")
+        ax.set_title("Toxicity vs perplexity (lower left is better)")
     else:  # no perplexity in any report: toxicity per model
         positions = range(len(entries))
         for judge in judges:
@@ -303,6 +309,7 @@ def plot_reports(entries: list[dict[str, Any]], output: str, judges: list[str] |
 
     if swept:
         lambdas = [e["lambda"] for e in swept]
+        base = next((e for e in entries if e["lambda"] is None and e["label"] == "base"), None)
         positive = [v for v in lambdas if v > 0]
         # λ sweeps usually span orders of magnitude and include 0
         use_symlog = len(positive) >= 2 and max(positive) / min(positive) >= 100
@@ -317,14 +324,23 @@ def plot_reports(entries: list[dict[str, Any]], output: str, judges: list[str] |
                 alpha=0.6,
                 label=f"{judge}: P(toxic)",
             )
+            if base is not None:  # the model before any fine-tuning, as a reference
+                ax.axhline(emt(base, judge), color=colors[judge], linestyle=":", label=f"{judge}: base EMT")
         ax.set_ylabel("Toxicity")
-        ax.set_title("Toxicity vs λ")
+        ax.set_title("Toxicity vs λ (lower is better)")
         if judges:
             ax.legend(fontsize=8)
         ax = axes[2]
         ax.plot(lambdas, [ppl(e) for e in swept], "o-", color="k")
+        title = "Perplexity vs λ (lower is better)"
+        if base is not None and not math.isnan(ppl(base)):
+            if ppl(base) <= 3 * max(ppl(e) for e in swept):
+                ax.axhline(ppl(base), color="k", linestyle=":", label="base")
+                ax.legend(fontsize=8)
+            else:  # a line that far up would squash the curve: say it instead
+                title += f"\nbase model: {ppl(base):.3g}"
         ax.set_ylabel("Perplexity (held-out text)")
-        ax.set_title("Perplexity vs λ")
+        ax.set_title(title)
         for ax in axes[1:]:
             ax.set_xlabel("λ")
             ax.grid(alpha=0.3)
