@@ -87,7 +87,10 @@ class DemoArguments:
     )
     baselines: bool = field(
         default=True,
-        metadata={"help": "Also evaluate the base model and train/evaluate plain SFT on the same corpus and steps."},
+        metadata={
+            "help": "Evaluate the base model, and train and evaluate plain SFT on the same corpus and steps, beside "
+            "CADET (on by default; `--no_baselines` runs CADET alone)."
+        },
     )
     num_oracle_prompts: int = field(default=64, metadata={"help": "Prompts the oracle phase draws from."})
     num_eval_prompts: int = field(default=48, metadata={"help": "Held-out prompts for the toxicity evaluation."})
@@ -127,8 +130,43 @@ DEMO_DEFAULTS = {
 }
 
 
+def _help_description() -> str:
+    """What `--help` leads with: what the script does, then the demo's and CADET's own options (the hundreds of TRL
+    and transformers options follow in the full list)."""
+    import textwrap
+
+    from trl import SFTConfig
+
+    summary = __doc__.strip().split("\n\n")[0]
+    demo = [f"--{f.name}" for f in dataclasses.fields(DemoArguments)]
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    cadet = [f"--{f.name}" for f in dataclasses.fields(CADETConfig) if f.name not in sft_fields]
+    lines = [
+        summary,
+        "",
+        "Run with no arguments for the offline demo (SmolLM2-135M, about 25 minutes on 2 CPU cores).",
+    ]
+    for title, names in (("Demo options", demo), ("CADET options", cadet)):
+        lines += ["", f"{title} (described below):"] + textwrap.wrap(
+            " ".join(names), 100, initial_indent="  ", subsequent_indent="  "
+        )
+    lines += ["", "The TRL and transformers training options and TRL's ModelConfig options follow."]
+    return "\n".join(lines)
+
+
 def make_parser() -> TrlParser:
-    parser = TrlParser((DemoArguments, CADETConfig, ModelConfig))
+    import argparse
+
+    DemoArguments._argument_group_name = "Demo options"
+    parser = TrlParser(
+        (DemoArguments, CADETConfig, ModelConfig),
+        usage="%(prog)s [--config RECIPE.yaml] [OPTIONS]",
+        description=_help_description(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for action in parser._actions:  # TRL's ModelConfig says "None" and not what None means here
+        if action.dest == "model_name_or_path":
+            action.help = "The model to train. Default: the offline SmolLM2-135M-Instruct (converted once from GGUF)."
     defaults = dict(DEMO_DEFAULTS)
     if not torch.cuda.is_available():
         # TRL's configs default to bf16 and gradient checkpointing, which a CPU does not do
