@@ -6,7 +6,7 @@ import torch
 
 from trl_cadet.modeling_nado import NADOModel
 from trl_cadet.nado import nado_loss
-from trl_cadet.oracle_phase import Samples, _nado_batch, collate_samples, sample_features
+from trl_cadet.oracle_phase import Samples, _nado_batch, collate_samples, sample_features, tokenize_prompts
 
 
 def random_samples(vocab_size: int, n: int = 6) -> Samples:
@@ -71,3 +71,30 @@ def test_importance_weights_come_from_the_same_pass(tiny_llama):
     assert weights.shape == (len(samples),)
     torch.testing.assert_close(weights.sum(), torch.tensor(float(len(samples))))
     assert weights.std() > 0  # a tempered proposal weights completions unevenly
+
+
+def test_oracle_phase_prompts_begin_as_the_training_sequences_do(tmp_path):
+    """A text corpus: SFTTrainer's sequences begin with BOS, so the prompts the policy is sampled on (and the NADO
+    model learns from) must too; a conversation's chat template writes its own special tokens."""
+    from conftest import tiny_cadet_config
+    from datasets import Dataset
+    from test_evaluation import make_model, make_tokenizer
+
+    from trl_cadet import CADETTrainer
+
+    tokenizer = make_tokenizer()
+    trainer = CADETTrainer(
+        model=make_model(tokenizer),
+        oracle_funcs=lambda prompts, completions, **kwargs: [1.0] * len(completions),
+        args=tiny_cadet_config(tmp_path, corpus_prompt_length=3, nado_corpus_samples=2),
+        train_dataset=Dataset.from_list([{"text": "the quick brown fox jumps over the lazy dog"}] * 4),
+        processing_class=tokenizer,
+    )
+    first_trained_token = trainer.train_dataset[0]["input_ids"][0]
+    assert first_trained_token == tokenizer.bos_token_id
+    assert all(ids[0] == first_trained_token for ids in trainer.prompt_ids)
+    assert all(ids[0] == first_trained_token for ids in trainer._corpus_completions.prompt_ids)
+    conversation = [{"role": "user", "content": "hello"}]
+    (ids,) = tokenize_prompts([conversation], tokenizer)
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]

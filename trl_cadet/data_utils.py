@@ -205,7 +205,7 @@ def extract_completions(
     its completions, a text corpus the `max_completion_length` tokens after its first `corpus_prompt_length` tokens.
     Rows whose chat template does not render the prompt as a prefix of the whole conversation are skipped.
     """
-    from .oracle_phase import render_prompt
+    from .oracle_phase import tokenize_prompts
 
     if isinstance(dataset, Dataset):
         order = random.Random(seed).sample(range(len(dataset)), min(count, len(dataset)))
@@ -233,19 +233,20 @@ def extract_completions(
             ids = tokenizer(text=example[text_field], add_special_tokens=False)["input_ids"]
             if len(ids) <= corpus_prompt_length:
                 continue
-            found.prompts.append(tokenizer.decode(ids[:corpus_prompt_length]))
-            found.prompt_ids.append(ids[:corpus_prompt_length])
+            prompt = tokenizer.decode(ids[:corpus_prompt_length])
+            found.prompts.append(prompt)
+            found.prompt_ids.append(tokenize_prompts([prompt], tokenizer)[0])
             found.completion_ids.append(ids[corpus_prompt_length : corpus_prompt_length + max_completion_length])
             continue
         else:
             return found
-        prompt_text = render_prompt(prompt, tokenizer)
-        if isinstance(prompt, list):
+        conversational = isinstance(prompt, list)
+        if conversational:
             whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         else:
-            whole = prompt_text + completion + (tokenizer.eos_token or "")
-        prompt_ids = tokenizer(text=prompt_text, add_special_tokens=False)["input_ids"]
-        whole_ids = tokenizer(text=whole, add_special_tokens=False)["input_ids"]
+            whole = prompt + completion + (tokenizer.eos_token or "")
+        prompt_ids = tokenize_prompts([prompt], tokenizer)[0]
+        whole_ids = tokenizer(text=whole, add_special_tokens=not conversational)["input_ids"]
         if whole_ids[: len(prompt_ids)] != prompt_ids or len(whole_ids) == len(prompt_ids):
             continue
         completion_ids = whole_ids[len(prompt_ids) :]

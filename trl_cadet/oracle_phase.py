@@ -74,9 +74,14 @@ def render_prompt(prompt: Any, processing_class: PreTrainedTokenizerBase) -> str
 
 
 def tokenize_prompts(prompts: list[Any], processing_class: PreTrainedTokenizerBase) -> list[list[int]]:
-    # The chat template already holds the special tokens it needs, as in GRPOTrainer
-    texts = [render_prompt(p, processing_class) for p in prompts]
-    return processing_class(text=texts, add_special_tokens=False)["input_ids"]
+    """Token ids of prompts as the policy sees them in training: a chat template writes its own special tokens (as in
+    GRPOTrainer), a plain-text prompt gets the tokenizer's (e.g. BOS), as SFTTrainer's text examples do."""
+    return [
+        processing_class(text=render_prompt(p, processing_class), add_special_tokens=not isinstance(p, list))[
+            "input_ids"
+        ]
+        for p in prompts
+    ]
 
 
 def pad_left(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
