@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from safetensors import safe_open
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -177,14 +177,8 @@ class _RoundTimer(TrainerCallback):
         self.trainer = trainer
 
     def on_train_end(self, args, state, control, **kwargs):
-        # The last round has no successor to close it: finish its background phase, time it, and log what is left
-        trainer = self.trainer
-        started = time.perf_counter()
-        trainer._finish_pending_phase(install=True)
-        trainer._round_blocking += time.perf_counter() - started
-        trainer._close_round()
-        if any(trainer._metrics["train"].values()):
-            trainer.log({})
+        # Done by `CADETTrainer.log` when Trainer logs its training summary; here for a loop that ends without one
+        self.trainer._end_last_round()
 
 
 class CADETTrainer(SFTTrainer):
@@ -225,7 +219,8 @@ class CADETTrainer(SFTTrainer):
             sequence-classification model or its path; or a built-in name (`"detoxify"`, `"jigsaw"`, `"profanity"`).
             Several oracles are combined by a weighted mean (`args.oracle_weights`). Defaults to `"detoxify"`.
         args ([`CADETConfig`], *optional*):
-            Configuration. Defaults to `CADETConfig(f"{model_name}-CADET")`.
+            Configuration. Defaults to `CADETConfig(f"{model_name}-CADET")`. `TrainingArguments` (an `SFTConfig`
+            too) are converted to a `CADETConfig` with the same values, as `SFTTrainer` converts them.
         train_dataset, eval_dataset, data_collator, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config, formatting_func:
             As in [`~trl.SFTTrainer`].
@@ -236,7 +231,8 @@ class CADETTrainer(SFTTrainer):
             A NADO model to start from. Defaults to `args.nado_model_name_or_path`, or a zero-initialised one.
     """
 
-    _tag_names = ["trl", "cadet"]
+    # A CADET model is fine-tuned on a corpus like an SFT one: it keeps SFTTrainer's tags, which the Hub searches by
+    _tag_names = ["trl", "sft", "cadet"]
     _name = "CADET"
     _paper = {
         "title": "Attribute Controlled Fine-tuning for Large Language Models: A Case Study on Detoxification",
@@ -267,10 +263,16 @@ class CADETTrainer(SFTTrainer):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = CADETConfig(f"{model_name.split('/')[-1]}-CADET")
+        elif isinstance(args, TrainingArguments) and not isinstance(args, CADETConfig):
+            # As SFTTrainer does with `TrainingArguments`: the same values, CADET's defaults for its own parameters
+            values = args.to_dict()
+            # `to_dict` hides every `*_token` value (`hub_token`, and an SFTConfig's `eos_token` and `pad_token`)
+            values.update({key: getattr(args, key) for key in values if key.endswith("_token")})
+            args = CADETConfig(**values)
         elif not isinstance(args, CADETConfig):
             raise TypeError(
-                f"`args` must be a `CADETConfig`, got `{type(args).__name__}`. Build one with the same arguments: "
-                "`CADETConfig(**sft_config.to_dict())`."
+                f"`args` must be a `CADETConfig` (or `TrainingArguments`/`SFTConfig`, which are converted), got "
+                f"`{type(args).__name__}`. Pass a `CADETConfig`."
             )
         # Everything that can be checked before SFTTrainer loads the model and tokenizes the corpus is checked here
         if train_dataset is None:
@@ -581,6 +583,25 @@ class CADETTrainer(SFTTrainer):
                 for tensor in self._nado_train.state_dict().values():
                     torch.distributed.broadcast(tensor, src=0)
         return result
+
+    def _end_last_round(self) -> None:
+        """The last round has no successor to close it: finish its background phase and time it."""
+        started = time.perf_counter()
+        self._finish_pending_phase(install=True)
+        self._round_blocking += time.perf_counter() - started
+        self._close_round()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and "train_runtime" in logs:
+            # Trainer's training summary, its last entry (`log_history[-1]`, as with SFTTrainer): the last round's
+            # metrics go in it rather than in an entry of their own after it
+            self._end_last_round()
+            if not self.model.training:  # an evaluation ran last, so `SFTTrainer.log` reads the eval metrics
+                logs.update(
+                    {key: sum(values) / len(values) for key, values in self._metrics["train"].items() if values}
+                )
+                self._metrics["train"].clear()
+        super().log(logs, start_time)
 
     def _close_round(self) -> None:
         """Log the wall-clock of the round in progress, and of its fine-tuning phase (the time not spent waiting for an
