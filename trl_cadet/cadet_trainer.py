@@ -32,6 +32,7 @@ from .data_utils import (
     check_corpus_columns,
     extract_completions,
     extract_prompts,
+    formatted_corpus,
     prompt_column,
 )
 from .modeling_nado import NADOConfig, NADOModel
@@ -289,8 +290,12 @@ class CADETTrainer(SFTTrainer):
                 raise ValueError(f"`{name}` is empty. Pass a dataset with at least one example.")
         if formatting_func is None and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
             check_corpus_columns(train_dataset, args.dataset_text_field)
+        # SFTTrainer trains on the formatted text: the oracle phase reads its prompts and completions there too
+        corpus = train_dataset
+        if formatting_func is not None:
+            corpus = formatted_corpus(train_dataset, formatting_func, args.dataset_text_field)
         prompt_source, prompt_source_name = (
-            (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (train_dataset, "train_dataset")
+            (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (corpus, "train_dataset")
         )
         prompt_column(prompt_source, args.dataset_text_field, prompt_source_name)
         tokenizer = _tokenizer_of(processing_class)
@@ -372,7 +377,7 @@ class CADETTrainer(SFTTrainer):
                     "and a special end-of-turn token."
                 )
         self._corpus_completions = extract_completions(
-            train_dataset,
+            corpus,
             tokenizer,
             args.nado_corpus_samples,
             args.max_completion_length,
@@ -819,7 +824,7 @@ class CADETTrainer(SFTTrainer):
         hidden_states = tuple(states[:, -length:] for states in outputs.hidden_states)
         if shortcut:
             head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            return outputs, head(hidden_states[-1][mask]), hidden_states, labels, mask
+            return outputs, head(hidden_states[-1][mask].to(head.weight.dtype)), hidden_states, labels, mask
         logits = outputs.logits[:, -length:][mask]
         if shortcut is None:
             unwrapped = self.accelerator.unwrap_model(model)
@@ -832,7 +837,9 @@ class CADETTrainer(SFTTrainer):
                 and not has_sharded_weights(unwrapped)
             ):
                 with torch.no_grad():
-                    sample = hidden_states[-1][mask][:8]
+                    # Under mixed precision, Accelerate's autocast wrapper returns float32 outputs from a float16 or
+                    # bfloat16 model, whose head takes its own dtype
+                    sample = hidden_states[-1][mask][:8].to(head.weight.dtype)
                     self._head_gives_logits = torch.allclose(
                         head(sample).float(), logits[:8].float(), rtol=1e-3, atol=1e-3
                     )

@@ -344,6 +344,10 @@ def sample_features(
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
         length = batch["input_ids"].shape[1]
         logits, final = outputs.logits[:, -length:], outputs.hidden_states[-1][:, -length:]
+        if head is not None:
+            # Under mixed precision, Accelerate's autocast wrapper returns float32 outputs from a float16 or bfloat16
+            # model, whose head takes its own dtype
+            final = final.to(head.weight.dtype)
         nado_hidden = outputs.hidden_states[nado.config.hidden_state_layer][:, -length:]
         if use_head is None:
             # A sharded head (FSDP, ZeRO-3) only runs inside the model's forward: keep the logits instead
