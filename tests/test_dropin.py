@@ -262,16 +262,24 @@ def tiny_moe(tokenizer, **overrides) -> Qwen3MoeForCausalLM:
     return model
 
 
-def test_mixture_of_experts_adds_and_logs_the_router_loss(tokenizer, tmp_path):
+@pytest.mark.parametrize("lora_on_experts", [False, True])
+def test_mixture_of_experts_adds_and_logs_the_router_loss(tokenizer, tmp_path, lora_on_experts):
     """SFTTrainer turns on a mixture-of-experts model's router logits, adds `router_aux_loss_coef · aux_loss` to the
-    loss and logs `aux_loss`; the oracle phase samples (prompts of different lengths, so padded) and scores with the
-    same model."""
+    loss and logs `aux_loss`, with or without LoRA on the experts; the oracle phase samples (prompts of different
+    lengths, so padded) and scores with the same model."""
+    peft_config = None
+    if lora_on_experts:
+        from peft import LoraConfig
+
+        experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        peft_config = LoraConfig(r=4, target_modules=[], target_parameters=experts)
     trainer = CADETTrainer(
         model=tiny_moe(tokenizer, router_aux_loss_coef=0.5),
         oracle_funcs=no_idiot,
         args=one_round(tmp_path),
         train_dataset=conversations(users=("hello there", "good morning, can you help me with my homework?")),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
     before = trainable(trainer)
     trainer.train()
