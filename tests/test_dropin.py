@@ -188,6 +188,33 @@ def test_dft_loss_is_the_lm_loss_beside_the_regulariser(tokenizer, tiny_llama, t
     assert_changed(trainer, before)
 
 
+@pytest.mark.parametrize(
+    "argument,match",
+    [
+        ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.loss}, "compute_loss_func"),
+        ({"args": "label_smoothing"}, "label_smoothing_factor=0"),
+        ({"args": "liger"}, "use_liger_kernel=False"),
+    ],
+    ids=["compute_loss_func", "label_smoothing", "liger"],
+)
+def test_refused_sft_options_say_why(tokenizer, tiny_llama, tmp_path, argument, match):
+    """The SFTTrainer options CADET cannot honour fail before training, with an error that says why and what to do."""
+    kwargs = dict(argument)
+    if kwargs.get("args") == "label_smoothing":
+        kwargs["args"] = SFTConfig(str(tmp_path), use_cpu=True, bf16=False, label_smoothing_factor=0.1)
+    elif kwargs.get("args") == "liger":
+        kwargs["args"] = SFTConfig(str(tmp_path), use_cpu=True, bf16=False)
+        kwargs["args"].use_liger_kernel = True  # SFTConfig itself would look for the kernels
+    with pytest.raises(ValueError, match=match):
+        CADETTrainer(
+            model=tiny_llama,
+            oracle_funcs=no_idiot,
+            train_dataset=conversations(),
+            processing_class=tokenizer,
+            **kwargs,
+        )
+
+
 def test_model_card_tags(tokenizer, tiny_llama, tmp_path):
     """SFTTrainer tags its models `trl` and `sft`, which the Hub searches by; a CADET model is fine-tuned on a corpus
     too, so it keeps both tags and adds `cadet`."""

@@ -237,6 +237,8 @@ class CADETTrainer(SFTTrainer):
             from `train_dataset`.
         nado_model ([`NADOModel`], *optional*):
             A NADO model to start from. Defaults to `args.nado_model_name_or_path`, or a zero-initialised one.
+        compute_loss_func:
+            Refused with an error that says why: CADET computes its own loss (see `loss_type`).
     """
 
     # A CADET model is fine-tuned on a corpus like an SFT one: it keeps SFTTrainer's tags, which the Hub searches by
@@ -267,7 +269,14 @@ class CADETTrainer(SFTTrainer):
         formatting_func=None,
         prompt_dataset: Dataset | None = None,
         nado_model: NADOModel | None = None,
+        compute_loss_func=None,
     ):
+        if compute_loss_func is not None:
+            raise ValueError(
+                "CADETTrainer does not take a `compute_loss_func`: its loss is the LM loss plus λ times the regulariser, "
+                "both computed from the logits of the trained positions, which a custom loss function would replace. "
+                "Use `loss_type` ('nll' or 'dft'), or subclass CADETTrainer and override `compute_loss`."
+            )
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = CADETConfig(f"{model_name.split('/')[-1]}-CADET")
