@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_cadet_config
 from datasets import Dataset
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainingArguments
+from transformers.trainer_pt_utils import LabelSmoother
 from trl import SFTConfig
 
 from trl_cadet import CADETConfig, CADETTrainer
@@ -192,17 +193,14 @@ def test_dft_loss_is_the_lm_loss_beside_the_regulariser(tokenizer, tiny_llama, t
     "argument,match",
     [
         ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.loss}, "compute_loss_func"),
-        ({"args": "label_smoothing"}, "label_smoothing_factor=0"),
         ({"args": "liger"}, "use_liger_kernel=False"),
     ],
-    ids=["compute_loss_func", "label_smoothing", "liger"],
+    ids=["compute_loss_func", "liger"],
 )
 def test_refused_sft_options_say_why(tokenizer, tiny_llama, tmp_path, argument, match):
     """The SFTTrainer options CADET cannot honour fail before training, with an error that says why and what to do."""
     kwargs = dict(argument)
-    if kwargs.get("args") == "label_smoothing":
-        kwargs["args"] = SFTConfig(str(tmp_path), use_cpu=True, bf16=False, label_smoothing_factor=0.1)
-    elif kwargs.get("args") == "liger":
+    if kwargs.get("args") == "liger":
         kwargs["args"] = SFTConfig(str(tmp_path), use_cpu=True, bf16=False)
         kwargs["args"].use_liger_kernel = True  # SFTConfig itself would look for the kernels
     with pytest.raises(ValueError, match=match):
@@ -213,6 +211,30 @@ def test_refused_sft_options_say_why(tokenizer, tiny_llama, tmp_path, argument, 
             processing_class=tokenizer,
             **kwargs,
         )
+
+
+def test_label_smoothing_is_the_lm_loss_beside_the_regulariser(tokenizer, tiny_llama, tmp_path):
+    """SFTTrainer smooths the labels with `label_smoothing_factor` (transformers' `LabelSmoother`); CADET's LM loss is
+    the same smoothed loss, and its regulariser is added to it."""
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_idiot,
+        args=one_round(tmp_path, label_smoothing_factor=0.2),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    batch = a_batch(trainer)
+    trainer.cadet_lambda = 0.0
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        outputs = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = LabelSmoother(epsilon=0.2)(outputs, batch["labels"], shift_labels=True)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+    trainer.cadet_lambda = 1.0
+    before = trainable(trainer)
+    trainer.train()
+    assert_changed(trainer, before)
 
 
 def test_model_card_tags(tokenizer, tiny_llama, tmp_path):

@@ -365,12 +365,6 @@ class CADETConfig(SFTConfig):
                 "`lambda_schedule='adaptive'` with `lambda_lr=0` never changes λ. Set a positive `lambda_lr`, or use "
                 "`lambda_schedule='constant'`."
             )
-        if self.label_smoothing_factor:
-            raise ValueError(
-                f"CADET's regulariser already pulls each next-token distribution towards a target (the closest one that "
-                f"satisfies the constraint); label smoothing would add a second, uniform target, so it is not supported: "
-                f"got `label_smoothing_factor={self.label_smoothing_factor}`. Set `label_smoothing_factor=0`."
-            )
         if self.use_liger_kernel:
             raise ValueError(
                 "CADET needs the LM's full logits to compute its regulariser, which the Liger kernel does not build. "

@@ -747,6 +747,11 @@ class CADETTrainer(SFTTrainer):
             # DFT (https://huggingface.co/papers/2508.05629), as in SFTTrainer: each token's NLL weighed by its
             # probability; the regulariser is added to it as to the NLL
             token_loss = token_loss * torch.exp(-token_loss).detach()
+        elif self.args.label_smoothing_factor:
+            # As SFTTrainer's `LabelSmoother` (with `loss_type='nll'` only): a share ε of each token's loss is the
+            # cross-entropy with the uniform distribution over the vocabulary
+            epsilon = self.args.label_smoothing_factor
+            token_loss = (1 - epsilon) * token_loss - epsilon * log_p.mean(-1)
         lm_loss = token_loss.sum() / normaliser
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             lm_loss = lm_loss * self.accelerator.num_processes
