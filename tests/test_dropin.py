@@ -100,7 +100,7 @@ def test_plain_training_arguments_are_converted(tokenizer, tiny_llama, tmp_path)
             bf16=False,
             report_to="none",
             max_length=64,
-            pad_token="<|end|>",
+            pad_token="<|pad|>",
         ),
     ):
         trainer = CADETTrainer(
@@ -114,7 +114,7 @@ def test_plain_training_arguments_are_converted(tokenizer, tiny_llama, tmp_path)
         assert trainer.args.learning_rate == 3e-4
         assert trainer.args.cadet_lambda == CADETConfig.cadet_lambda  # CADET's default
     assert trainer.args.max_length == 64
-    assert trainer.args.pad_token == "<|end|>"  # `to_dict` hides the `*_token` values
+    assert trainer.args.pad_token == "<|pad|>"  # `to_dict` hides the `*_token` values
 
 
 def test_model_init_kwargs_float16(tiny_llama_path, tmp_path):
