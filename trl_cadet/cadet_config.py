@@ -365,12 +365,6 @@ class CADETConfig(SFTConfig):
                 "`lambda_schedule='adaptive'` with `lambda_lr=0` never changes λ. Set a positive `lambda_lr`, or use "
                 "`lambda_schedule='constant'`."
             )
-        if self.loss_type != "nll" or self.label_smoothing_factor:
-            raise ValueError(
-                f"CADET's LM loss is the plain negative log-likelihood, the loss its regulariser is weighed against; got "
-                f"`loss_type={self.loss_type!r}` and `label_smoothing_factor={self.label_smoothing_factor}`. Set "
-                "`loss_type='nll'` and `label_smoothing_factor=0`."
-            )
         if self.use_liger_kernel:
             raise ValueError(
                 "CADET needs the LM's full logits to compute its regulariser, which the Liger kernel does not build. "

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from safetensors import safe_open
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -32,6 +32,7 @@ from .data_utils import (
     check_corpus_columns,
     extract_completions,
     extract_prompts,
+    formatted_corpus,
     prompt_column,
 )
 from .modeling_nado import NADOConfig, NADOModel
@@ -100,6 +101,13 @@ def _check_nado_fits(nado_config: NADOConfig, lm: PreTrainedModel) -> None:
             f"the LM has {vocab_size} logits and {hidden_size}-wide states. Use a NADO model trained for this LM, or "
             "leave `nado_model`/`nado_model_name_or_path` unset to start from a new one."
         )
+
+
+def _pad_front(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    """`tensor` `[B, L]` with `width` columns of `value` in front."""
+    if not width:
+        return tensor
+    return torch.cat([tensor.new_full((tensor.shape[0], width), value), tensor], dim=1)
 
 
 def _publish(staged: str, final: str) -> None:
@@ -177,14 +185,8 @@ class _RoundTimer(TrainerCallback):
         self.trainer = trainer
 
     def on_train_end(self, args, state, control, **kwargs):
-        # The last round has no successor to close it: finish its background phase, time it, and log what is left
-        trainer = self.trainer
-        started = time.perf_counter()
-        trainer._finish_pending_phase(install=True)
-        trainer._round_blocking += time.perf_counter() - started
-        trainer._close_round()
-        if any(trainer._metrics["train"].values()):
-            trainer.log({})
+        # Done by `CADETTrainer.log` when Trainer logs its training summary; here for a loop that ends without one
+        self.trainer._end_last_round()
 
 
 class CADETTrainer(SFTTrainer):
@@ -225,7 +227,8 @@ class CADETTrainer(SFTTrainer):
             sequence-classification model or its path; or a built-in name (`"detoxify"`, `"jigsaw"`, `"profanity"`).
             Several oracles are combined by a weighted mean (`args.oracle_weights`). Defaults to `"detoxify"`.
         args ([`CADETConfig`], *optional*):
-            Configuration. Defaults to `CADETConfig(f"{model_name}-CADET")`.
+            Configuration. Defaults to `CADETConfig(f"{model_name}-CADET")`. `TrainingArguments` (an `SFTConfig`
+            too) are converted to a `CADETConfig` with the same values, as `SFTTrainer` converts them.
         train_dataset, eval_dataset, data_collator, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics, quantization_config, peft_config, formatting_func:
             As in [`~trl.SFTTrainer`].
@@ -234,9 +237,12 @@ class CADETTrainer(SFTTrainer):
             from `train_dataset`.
         nado_model ([`NADOModel`], *optional*):
             A NADO model to start from. Defaults to `args.nado_model_name_or_path`, or a zero-initialised one.
+        compute_loss_func:
+            Refused with an error that says why: CADET computes its own loss (see `loss_type`).
     """
 
-    _tag_names = ["trl", "cadet"]
+    # A CADET model is fine-tuned on a corpus like an SFT one: it keeps SFTTrainer's tags, which the Hub searches by
+    _tag_names = ["trl", "sft", "cadet"]
     _name = "CADET"
     _paper = {
         "title": "Attribute Controlled Fine-tuning for Large Language Models: A Case Study on Detoxification",
@@ -263,14 +269,27 @@ class CADETTrainer(SFTTrainer):
         formatting_func=None,
         prompt_dataset: Dataset | None = None,
         nado_model: NADOModel | None = None,
+        compute_loss_func=None,
     ):
+        if compute_loss_func is not None:
+            raise ValueError(
+                "CADETTrainer does not take a `compute_loss_func`: its loss is the LM loss plus λ times the regulariser, "
+                "both computed from the logits of the trained positions, which a custom loss function would replace. "
+                "Use `loss_type` ('nll' or 'dft'), or subclass CADETTrainer and override `compute_loss`."
+            )
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = CADETConfig(f"{model_name.split('/')[-1]}-CADET")
+        elif isinstance(args, TrainingArguments) and not isinstance(args, CADETConfig):
+            # As SFTTrainer does with `TrainingArguments`: the same values, CADET's defaults for its own parameters
+            values = args.to_dict()
+            # `to_dict` hides every `*_token` value (`hub_token`, and an SFTConfig's `eos_token` and `pad_token`)
+            values.update({key: getattr(args, key) for key in values if key.endswith("_token")})
+            args = CADETConfig(**values)
         elif not isinstance(args, CADETConfig):
             raise TypeError(
-                f"`args` must be a `CADETConfig`, got `{type(args).__name__}`. Build one with the same arguments: "
-                "`CADETConfig(**sft_config.to_dict())`."
+                f"`args` must be a `CADETConfig` (or `TrainingArguments`/`SFTConfig`, which are converted), got "
+                f"`{type(args).__name__}`. Pass a `CADETConfig`."
             )
         # Everything that can be checked before SFTTrainer loads the model and tokenizes the corpus is checked here
         if train_dataset is None:
@@ -280,8 +299,12 @@ class CADETTrainer(SFTTrainer):
                 raise ValueError(f"`{name}` is empty. Pass a dataset with at least one example.")
         if formatting_func is None and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
             check_corpus_columns(train_dataset, args.dataset_text_field)
+        # SFTTrainer trains on the formatted text: the oracle phase reads its prompts and completions there too
+        corpus = train_dataset
+        if formatting_func is not None:
+            corpus = formatted_corpus(train_dataset, formatting_func, args.dataset_text_field)
         prompt_source, prompt_source_name = (
-            (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (train_dataset, "train_dataset")
+            (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (corpus, "train_dataset")
         )
         prompt_column(prompt_source, args.dataset_text_field, prompt_source_name)
         tokenizer = _tokenizer_of(processing_class)
@@ -363,7 +386,7 @@ class CADETTrainer(SFTTrainer):
                     "and a special end-of-turn token."
                 )
         self._corpus_completions = extract_completions(
-            train_dataset,
+            corpus,
             tokenizer,
             args.nado_corpus_samples,
             args.max_completion_length,
@@ -582,6 +605,25 @@ class CADETTrainer(SFTTrainer):
                     torch.distributed.broadcast(tensor, src=0)
         return result
 
+    def _end_last_round(self) -> None:
+        """The last round has no successor to close it: finish its background phase and time it."""
+        started = time.perf_counter()
+        self._finish_pending_phase(install=True)
+        self._round_blocking += time.perf_counter() - started
+        self._close_round()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and "train_runtime" in logs:
+            # Trainer's training summary, its last entry (`log_history[-1]`, as with SFTTrainer): the last round's
+            # metrics go in it rather than in an entry of their own after it
+            self._end_last_round()
+            if not self.model.training:  # an evaluation ran last, so `SFTTrainer.log` reads the eval metrics
+                logs.update(
+                    {key: sum(values) / len(values) for key, values in self._metrics["train"].items() if values}
+                )
+                self._metrics["train"].clear()
+        super().log(logs, start_time)
+
     def _close_round(self) -> None:
         """Log the wall-clock of the round in progress, and of its fine-tuning phase (the time not spent waiting for an
         oracle phase)."""
@@ -679,14 +721,19 @@ class CADETTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        mask = regularized_mask(labels)
-        outputs, logits = self._trained_logits(model, model_inputs, mask)  # logits: [N, V], the trained positions
+        # logits: [N, V], the trained positions; the rest aligned with `mask`, which may start one position before
+        # `input_ids` (`virtual`: the last virtual token of prompt tuning)
+        outputs, logits, hidden_states, labels, mask = self._trained_logits(model, model_inputs, inputs["labels"])
+        virtual = mask.shape[1] - inputs["input_ids"].shape[1]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None:
+            attention_mask = _pad_front(attention_mask, virtual, 1)
         # Ω's positions, a subset of the trained ones: those predicting an assistant token of a conversation
         omega = torch.ones_like(mask)
         if self._assistant_markers is not None:
-            omega[:, :-1] = assistant_token_mask(inputs["input_ids"], self._assistant_markers)[:, 1:]
+            assistant = assistant_token_mask(inputs["input_ids"], self._assistant_markers)
+            omega[:, :-1] = _pad_front(assistant, virtual, False)[:, 1:]
         omega = omega[mask]  # [N], aligned with `logits`
 
         # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known. log p is
@@ -695,7 +742,17 @@ class CADETTrainer(SFTTrainer):
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         normaliser = torch.as_tensor(num_tokens, device=logits.device, dtype=torch.float32).clamp(min=1)
         log_p = torch.log_softmax(logits.float(), dim=-1)
-        lm_loss = -log_p.gather(-1, targets[:, None]).sum() / normaliser
+        token_loss = -log_p.gather(-1, targets[:, None])[:, 0]
+        if self.args.loss_type == "dft":
+            # DFT (https://huggingface.co/papers/2508.05629), as in SFTTrainer: each token's NLL weighed by its
+            # probability; the regulariser is added to it as to the NLL
+            token_loss = token_loss * torch.exp(-token_loss).detach()
+        elif self.args.label_smoothing_factor:
+            # As SFTTrainer's `LabelSmoother` (with `loss_type='nll'` only): a share ε of each token's loss is the
+            # cross-entropy with the uniform distribution over the vocabulary
+            epsilon = self.args.label_smoothing_factor
+            token_loss = (1 - epsilon) * token_loss - epsilon * log_p.mean(-1)
+        lm_loss = token_loss.sum() / normaliser
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             lm_loss = lm_loss * self.accelerator.num_processes
         loss = lm_loss
@@ -704,11 +761,11 @@ class CADETTrainer(SFTTrainer):
         lam = self.cadet_lambda
         kl = torch.zeros((), device=logits.device)
         if positions in ("corpus", "both") and self.nado_source_round is not None:
-            hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
+            hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
             embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
             with torch.no_grad():
                 if self.nado.config.num_layers:
-                    nado_logits = self.nado(hidden, inputs.get("attention_mask"), output_embeddings=embeddings)[mask]
+                    nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
                 else:  # the head is position-wise: score the used positions only
                     nado_logits = self.nado(hidden[mask], output_embeddings=embeddings)
             # Ω is the mean over its own positions (METHOD.md), so that λ does not depend on the length of the
@@ -725,6 +782,13 @@ class CADETTrainer(SFTTrainer):
             loss = loss + lam * sample_kl
             self._metrics[mode]["cadet/kl_samples"].append(sample_kl.item())
 
+        if self.aux_loss_enabled:
+            # As SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_loss)
+
         with torch.no_grad():
             correct = (logits.argmax(-1) == targets).sum()
             total = mask.sum()
@@ -740,19 +804,43 @@ class CADETTrainer(SFTTrainer):
             tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel())
             self._total_train_tokens += self.accelerator.gather_for_metrics(tokens.to(logits.device)).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs and outputs.logits.shape[1] < mask.shape[1]:
+            # The LM-head shortcut kept one position; `compute_metrics` gets the full logits, from a second forward
+            # pass as in SFTTrainer
+            with torch.no_grad():
+                outputs = model(**model_inputs, use_cache=False)
         return (loss, outputs) if return_outputs else loss
 
-    def _trained_logits(self, model, inputs: dict[str, torch.Tensor], mask: torch.Tensor):
-        """The model's outputs (with hidden states) and its logits at the positions in `mask`, shape `[N, V]`.
+    def _trained_logits(self, model, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        """`(outputs, logits, hidden_states, labels, mask)`: the model's outputs; its logits at the trained positions
+        (`mask`, from `regularized_mask(labels)`), shape `[N, V]`; and its hidden states, `labels` and `mask`, aligned.
 
-        Like TRL's fused LM head, only the trained positions go through the LM head, so that no `[B, L, V]` logits are
-        built, when the head alone turns the last hidden states into the logits: checked on the first batch against
-        the model's own logits (a model that scales or soft-caps its logits keeps the plain forward), and never with
-        sharded weights (FSDP, ZeRO-3), whose head can only run inside the model's forward.
+        Prompt-learning PEFT (prompt tuning, p-tuning) prepends virtual tokens to the outputs. As in SFTTrainer, where
+        PEFT labels them -100, the last one is trained to predict the first real token: it is kept, `labels` gets a
+        -100 column in front for it, and the other virtual tokens are dropped. Like TRL's fused LM head, only the trained positions go through
+        the LM head, so that no `[B, L, V]` logits are built, when the head alone turns the last hidden states into the
+        logits: checked on the first batch against the model's own logits (a model that scales or soft-caps its logits
+        keeps the plain forward), and never with sharded weights (FSDP, ZeRO-3), whose head can only run inside the
+        model's forward.
         """
-        if self._head_gives_logits is None:
-            outputs = model(**inputs, use_cache=False, output_hidden_states=True)
-            logits = outputs.logits[mask]
+        shortcut = self._head_gives_logits
+        kwargs = {"use_cache": False, "output_hidden_states": True}
+        if self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True  # as SFTTrainer: the model returns its load-balancing `aux_loss`
+        if shortcut:
+            kwargs["logits_to_keep"] = 1
+        outputs = model(**inputs, **kwargs)
+        length = inputs["input_ids"].shape[1]
+        if outputs.hidden_states[-1].shape[1] > length:
+            length += 1
+            labels = _pad_front(labels, 1, -100)
+        mask = regularized_mask(labels)
+        hidden_states = tuple(states[:, -length:] for states in outputs.hidden_states)
+        if shortcut:
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            return outputs, head(hidden_states[-1][mask].to(head.weight.dtype)), hidden_states, labels, mask
+        logits = outputs.logits[:, -length:][mask]
+        if shortcut is None:
             unwrapped = self.accelerator.unwrap_model(model)
             base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
             head = unwrapped.get_output_embeddings()
@@ -763,17 +851,13 @@ class CADETTrainer(SFTTrainer):
                 and not has_sharded_weights(unwrapped)
             ):
                 with torch.no_grad():
-                    sample = outputs.hidden_states[-1][mask][:8]
+                    # Under mixed precision, Accelerate's autocast wrapper returns float32 outputs from a float16 or
+                    # bfloat16 model, whose head takes its own dtype
+                    sample = hidden_states[-1][mask][:8].to(head.weight.dtype)
                     self._head_gives_logits = torch.allclose(
                         head(sample).float(), logits[:8].float(), rtol=1e-3, atol=1e-3
                     )
-            return outputs, logits
-        if not self._head_gives_logits:
-            outputs = model(**inputs, use_cache=False, output_hidden_states=True)
-            return outputs, outputs.logits[mask]
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        return outputs, head(outputs.hidden_states[-1][mask])
+        return outputs, logits, hidden_states, labels, mask
 
     def _samples_kl(self, model) -> torch.Tensor:
         """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass)."""
@@ -789,14 +873,14 @@ class CADETTrainer(SFTTrainer):
             self._tokenizer.pad_token_id,
             self.accelerator.device,
         )
-        mask = torch.zeros_like(batch["completion_mask"], dtype=torch.bool)
-        mask[:, :-1] = batch["completion_mask"][:, 1:].bool()
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        outputs, logits = self._trained_logits(model, inputs, mask)
-        hidden = outputs.hidden_states[self.nado.config.hidden_state_layer].detach()
+        _, logits, hidden_states, _, mask = self._trained_logits(model, inputs, labels)
+        attention_mask = _pad_front(batch["attention_mask"], mask.shape[1] - labels.shape[1], 1)
+        hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
         embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
-            nado_logits = self.nado(hidden, batch["attention_mask"], output_embeddings=embeddings)[mask]
+            nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
         return cadet_kl(logits, nado_logits)
 
     # Saving and resuming

@@ -32,6 +32,17 @@ def prompt_column(dataset: Dataset | IterableDataset, text_field: str = "text", 
     )
 
 
+def formatted_corpus(dataset: Dataset | IterableDataset, formatting_func, text_field: str = "text"):
+    """The corpus as `SFTTrainer` trains on it with a `formatting_func`: a text column `text_field` holding
+    `formatting_func(example)`, for the oracle phase's prompts and the corpus completions. A corpus with a 'prompt'
+    column (the prompts to use) or already tokenized ('input_ids', which SFTTrainer does not format) is returned as
+    it is."""
+    columns = _column_names(dataset)
+    if "prompt" in columns or "input_ids" in columns:
+        return dataset
+    return dataset.map(lambda example: {text_field: formatting_func(example)}, remove_columns=columns)
+
+
 def _check_no_missing_values(dataset: Dataset | IterableDataset, columns: list[str]) -> None:
     """Raise, naming the row and the column, when a column SFTTrainer will read holds a missing value (None), which it
     would only report as a tokenizer error. Arrow keeps a count of them, so a `Dataset` is checked without reading it;

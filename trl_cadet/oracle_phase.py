@@ -173,6 +173,14 @@ def snapshot_policy(
 
 
 @torch.no_grad()
+def no_router_logits(model: PreTrainedModel) -> dict[str, bool]:
+    """Keyword arguments that turn off a mixture-of-experts model's router logits, which SFTTrainer turns on for its
+    load-balancing loss: the oracle phase needs no such loss, and `generate` cannot compute it (the router logits of a
+    decoding step cover the new token only, the attention mask the whole sequence)."""
+    config = getattr(model, "config", None)
+    return {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
+
+
 def sample_completions(
     policy: PreTrainedModel,
     processing_class: PreTrainedTokenizerBase,
@@ -220,6 +228,7 @@ def sample_completions(
                 pad_token_id=pad_token_id,
                 eos_token_id=sorted(eos_ids),
                 synced_gpus=synced_gpus,
+                **no_router_logits(policy),
             )
             for row in output[:, input_ids.shape[1] :].tolist():
                 cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
@@ -335,9 +344,16 @@ def sample_features(
             attention_mask=batch["attention_mask"],
             output_hidden_states=True,
             use_cache=False,
+            **no_router_logits(policy),
         )
-        logits, final = outputs.logits, outputs.hidden_states[-1]
-        nado_hidden = outputs.hidden_states[nado.config.hidden_state_layer]
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+        length = batch["input_ids"].shape[1]
+        logits, final = outputs.logits[:, -length:], outputs.hidden_states[-1][:, -length:]
+        if head is not None:
+            # Under mixed precision, Accelerate's autocast wrapper returns float32 outputs from a float16 or bfloat16
+            # model, whose head takes its own dtype
+            final = final.to(head.weight.dtype)
+        nado_hidden = outputs.hidden_states[nado.config.hidden_state_layer][:, -length:]
         if use_head is None:
             # A sharded head (FSDP, ZeRO-3) only runs inside the model's forward: keep the logits instead
             use_head = (
