@@ -289,6 +289,8 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
     with open(report_path, "w") as f:
         json.dump(reports, f, indent=2)
     print_table(reports, list(judges))
+    with open(os.path.join(training_args.output_dir, "README.md"), "a") as f:  # the model card gets the figures
+        f.write(model_card_section(reports, list(judges), demo_args))
     try:
         from trl_cadet.cli import plot_reports
 
@@ -306,6 +308,24 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
         "Judge a saved model again: trl-cadet evaluate --model MODEL_DIR --prompts demo --texts demo "
         "--judges jigsaw,profanity"
     )
+
+
+def model_card_section(reports: list[dict], judges: list[str], demo_args: DemoArguments) -> str:
+    """The demo's evaluation as a Markdown table for the model card."""
+    lines = [
+        "",
+        "## Evaluation (this run)",
+        "",
+        f"{demo_args.num_eval_prompts} held-out prompts x {demo_args.eval_num_samples} samples; expected maximum "
+        "toxicity (EMT) under each judge (lower is better), perplexity on held-out benign dialogue.",
+        "",
+        "| model | " + " | ".join(f"EMT {j}" for j in judges) + " | perplexity |",
+        "| --- |" + " --- |" * (len(judges) + 1),
+    ]
+    for report in reports:
+        emt = [f"{report['toxicity'][j]['expected_max_toxicity']:.3f}" for j in judges]
+        lines.append(f"| {report['label']} | " + " | ".join(emt) + f" | {report['perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(reports: list[dict], judges: list[str]) -> None:

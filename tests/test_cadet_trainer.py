@@ -288,12 +288,14 @@ def test_save_model_writes_nado_and_model_card(tokenizer, tiny_llama, tmp_path):
     )
     trainer.train()
     trainer.save_model()
-    trainer.create_model_card()
-    nado = NADOModel.from_pretrained(tmp_path / "nado")
+    nado = NADOModel.from_pretrained(str(tmp_path), subfolder="nado")  # as the model card says
     for name, tensor in nado.state_dict().items():
         torch.testing.assert_close(tensor, trainer.nado.state_dict()[name].cpu())
-    card = (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()  # written by save_model itself, not only on a Hub push
     assert "cadet" in card and "2410.05559" in card
+    assert "## CADET" in card and "oracles: no_bad_word" in card and 'subfolder="nado"' in card
+    trainer.save_model(str(tmp_path / "final"))  # a final model saved elsewhere gets the card too
+    assert "## CADET" in (tmp_path / "final" / "README.md").read_text()
 
 
 def test_guided_decoding_processor_follows_q_and_avoids_a_forbidden_token(tokenizer, tiny_llama):

@@ -61,6 +61,8 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
     ]  # each model's figures are printed as soon as they are measured, before the final table
     assert any(line.startswith("cadet") for line in table)
     assert f"Plain SFT baseline: {output_dir / 'sft'}" in result.stdout  # the run says where everything went
+    card = (output_dir / "README.md").read_text()  # the CADET model card, not PEFT's blank template, with the figures
+    assert "## CADET" in card and "## Evaluation (this run)" in card and "[More Information Needed]" not in card
 
 
 def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):

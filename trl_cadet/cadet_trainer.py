@@ -893,6 +893,45 @@ class CADETTrainer(SFTTrainer):
                 # The final model goes with the newest NADO model
                 self._finish_pending_phase(install=True)
             self.nado.save_pretrained(os.path.join(output_dir, NADO_DIR))
+            if not _internal_call:
+                # A final model gets the CADET model card, not PEFT's blank template
+                self.create_model_card()
+                if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+                    shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(output_dir, "README.md"))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, plus what CADET did (λ, oracles, rounds, NADO model) and how to load the NADO model."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        oracles = ", ".join(getattr(o, "__name__", type(o).__name__) for o in self.oracle_funcs)
+        repo = self.hub_model_id or self.args.output_dir
+        section = f"""
+## CADET
+
+This model was fine-tuned with CADET (attribute-controlled fine-tuning, [arXiv 2410.05559](https://huggingface.co/papers/2410.05559)):
+the SFT loss on the corpus plus λ · KL(q ‖ p), where q, the closest distribution to the model that satisfies the
+constraint, comes from an auxiliary NADO model trained on the model's own samples labelled by the oracles.
+
+- oracles: {oracles}; λ: {self.cadet_lambda:g} (`lambda_schedule="{self.args.lambda_schedule}"`, started at
+  {self.args.cadet_lambda:g}); rounds: {self.current_round + 1} of {self.args.steps_per_round} steps
+  (`round_schedule="{self.args.round_schedule}"`); oracle calls: {self.oracle_calls}
+- NADO model: `{self.nado.config.head}` head, in `{NADO_DIR}/` beside the model
+
+Load the model with its NADO model (for NADO-guided decoding, or to continue training with
+`nado_model_name_or_path`):
+
+```python
+from transformers import AutoModelForCausalLM
+from trl_cadet import NADOLogitsProcessor, NADOModel
+
+model = AutoModelForCausalLM.from_pretrained("{repo}")
+nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
+# outputs = model.generate(**inputs, logits_processor=[NADOLogitsProcessor(model, nado)], do_sample=True)
+```
+"""
+        with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+            f.write(section)
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
