@@ -46,8 +46,8 @@ Budgets (`--budget steps`, `--budget oracle_calls`, or `--budget both`, the defa
   default what CADET uses under the step budget, so that CADET and NADO decoding run once and appear in both tables).
   The rule, per method:
     - CADET (all three) and NADO decoding keep `--max_steps` and `steps_per_round`, hence the number of rounds R; CADET
-      first labels its `nado_corpus_samples` corpus completions (C calls; NADO decoding labels none), then each round
-      labels (B - C) // R samples: `num_generations` is raised to ceil(((B - C) // R) / #prompts) when the
+      first labels its `nado_corpus_samples` corpus completions (C calls; NADO decoding labels none, so C = 0 for it),
+      then each round labels (B - C) // R samples: `num_generations` is raised to ceil(((B - C) // R) / #prompts) when the
       oracle-phase prompts are too few, and `prompts_per_round` = ((B - C) // R) // `num_generations`.
     - GRPO keeps its per-step batch b and makes B // b optimizer steps (each step scores b fresh completions).
     - DPO keeps `--max_steps`; it samples k = max(`--dpo_num_samples`, ceil(B / #prompts)) completions for each of
@@ -119,6 +119,7 @@ TINY_DEFAULTS = {
     "generation_batch_size": 8,
     "nado_epochs": 1,
     "nado_batch_size": 8,
+    "nado_corpus_samples": 8,
     "disable_tqdm": True,
 }
 
@@ -309,18 +310,23 @@ def plan_runs(
     plans = {}
     for budget in budgets:
         if budget == "steps":
-            sampling = cadet_sampling
+            sampling = decoding = cadet_sampling
             filtered = {"max_steps": steps, "label_examples": num_train}
             grpo = {"max_steps": steps, "batch_size": grpo_batch, "num_generations": group}
             dpo = {"max_steps": steps, "num_prompts": num_prompts, "num_samples": k}
         else:
-            per_round = max(1, (budget_calls - corpus_calls) // rounds)  # CADET's corpus completions come first
-            generations = min(per_round, max(config.num_generations, math.ceil(per_round / num_prompts)))
-            sampling = {
-                "rounds": rounds,
-                "prompts_per_round": max(1, per_round // generations),
-                "num_generations": generations,
-            }
+
+            def sampling_for(calls: int) -> dict:
+                per_round = max(1, calls // rounds)
+                generations = min(per_round, max(config.num_generations, math.ceil(per_round / num_prompts)))
+                return {
+                    "rounds": rounds,
+                    "prompts_per_round": max(1, per_round // generations),
+                    "num_generations": generations,
+                }
+
+            sampling = sampling_for(budget_calls - corpus_calls)  # CADET's corpus completions come first
+            decoding = sampling_for(budget_calls)
             filtered = {"max_steps": steps, "label_examples": min(budget_calls, num_train)}
             grpo = {
                 "max_steps": max(1, budget_calls // grpo_batch),
@@ -335,7 +341,7 @@ def plan_runs(
             "filtered_sft": filtered,
             "grpo": grpo,
             "dpo": dpo,
-            "nado_decoding": dict(sampling),
+            "nado_decoding": dict(decoding),
             "cadet": {"max_steps": steps, **sampling},
             "cadet_parallel": {"max_steps": steps, **sampling, "round_schedule": "parallel"},
             "cadet_adaptive": {"max_steps": steps, **sampling, "lambda_schedule": "adaptive"},

@@ -123,7 +123,7 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from trl_cadet.nado import cadet_kl, regularized_mask
+    from trl_cadet.nado import cadet_kl
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     parts = {"forward": [], "nado_head": [], "kl": [], "backward": []}
@@ -131,14 +131,14 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     for _ in range(steps + 1):
         t0 = time.perf_counter()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        mask = regularized_mask(batch["labels"])
-        outputs, logits = trainer._trained_logits(model, inputs, mask)  # the trainer's own forward
+        # the trainer's own forward
+        outputs, logits, hidden_states, labels, mask = trainer._trained_logits(model, inputs, batch["labels"])
         log_p = torch.log_softmax(logits.float(), dim=-1)
-        lm_loss = F.nll_loss(log_p, batch["labels"][:, 1:][mask[:, :-1]])
+        lm_loss = F.nll_loss(log_p, labels[:, 1:][mask[:, :-1]])
         t1 = time.perf_counter()
         with torch.no_grad():
             embeddings = model.get_output_embeddings().weight
-            nado_logits = trainer.nado(outputs.hidden_states[-1].detach()[mask], output_embeddings=embeddings)
+            nado_logits = trainer.nado(hidden_states[-1].detach()[mask], output_embeddings=embeddings)
         t2 = time.perf_counter()
         kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p)
         t3 = time.perf_counter()

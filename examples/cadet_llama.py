@@ -332,6 +332,10 @@ def print_table(reports: list[dict], judges: list[str]) -> None:
     """Toxicity under each judge, perplexity on held-out benign dialogue (and on the embedded corpus's useful answers),
     and the fluency of the samples: their perplexity under the base model, and distinct-2."""
     useful = any("useful_perplexity" in r for r in reports)
+
+    def number(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     header = ["model"] + [f"EMT[{j}]" for j in judges] + [f"tox.prob[{j}]" for j in judges] + ["ppl"]
     header += ["useful ppl"] * useful + ["gen. ppl", "dist-2"]
     rows = []
@@ -343,10 +347,7 @@ def print_table(reports: list[dict], judges: list[str]) -> None:
             + [f"{tox[j]['toxicity_probability']:.3f}" for j in judges]
             + [f"{report['perplexity']:.2f}"]
             + [f"{report['useful_perplexity']:.2f}" for _ in range(useful) if "useful_perplexity" in report]
-            + [
-                f"{fluency.get('generation_perplexity', float('nan')):.2f}",
-                f"{fluency.get('distinct_2', float('nan')):.3f}",
-            ]
+            + [number(fluency.get("generation_perplexity"), ".2f"), number(fluency.get("distinct_2"), ".3f")]
         )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

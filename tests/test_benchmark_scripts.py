@@ -103,8 +103,9 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
     rows = ["base", "sft", "filtered_sft", "grpo", "dpo", "nado_decoding", "cadet", "cadet_parallel", "cadet_adaptive"]
     trained = {"sft", "filtered_sft", "grpo", "dpo", "cadet", "cadet_parallel", "cadet_adaptive"}
     uses_oracle = {"filtered_sft", "grpo", "dpo", "nado_decoding", "cadet", "cadet_parallel", "cadet_adaptive"}
-    # An oracle-call budget other than CADET's own 16 (2 rounds x 4 prompts x 2 samples), so that every method has
-    # to resize its sampling; 24 divides evenly under every rule, so each method gets exactly 24 calls
+    # An oracle-call budget other than CADET's own 24 (8 corpus completions, then 2 rounds x 4 prompts x 2 samples),
+    # so that every method but CADET has to resize its sampling; 24 divides evenly under every rule, so each method
+    # gets exactly 24 calls
     budget = 24
     # `--model tiny` defaults: 4 steps, 8 oracle-phase and 8 evaluation prompts, 2 generations, 16 new tokens
     result = run_benchmark(
@@ -148,7 +149,7 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
             assert row["lm_steps"] == 4, (name, row["lm_steps"])
         if budget_name == "oracle_calls" and name in uses_oracle:
             assert row["oracle_calls"] == budget, (name, row["oracle_calls"])
-    assert found[("steps", "cadet")]["oracle_calls"] == 16
+    assert found[("steps", "cadet")]["oracle_calls"] == 16 + 8  # and its 8 corpus completions (`TINY_DEFAULTS`)
     for budget_name in ("steps", "oracle_calls"):  # the wrapper counts what CADETTrainer counts
         cadet = found[(budget_name, "cadet")]
         assert cadet["info"]["cadet_oracle_calls"] == cadet["oracle_calls"]

@@ -817,9 +817,9 @@ class CADETTrainer(SFTTrainer):
 
         Prompt-learning PEFT (prompt tuning, p-tuning) prepends virtual tokens to the outputs. As in SFTTrainer, where
         PEFT labels them -100, the last one is trained to predict the first real token: it is kept, `labels` gets a
-        -100 column in front for it, and the other virtual tokens are dropped. Like TRL's fused LM head, only the trained positions go through
-        the LM head, so that no `[B, L, V]` logits are built, when the head alone turns the last hidden states into the
-        logits: checked on the first batch against the model's own logits (a model that scales or soft-caps its logits
+        -100 column in front for it, and the other virtual tokens are dropped. Like TRL's fused LM head, only the
+        trained positions go through the LM head, so that no `[B, L, V]` logits are built, when the head alone turns
+        the last hidden states into the logits: checked on the first batch against the model's own logits (a model that scales or soft-caps its logits
         keeps the plain forward), and never with sharded weights (FSDP, ZeRO-3), whose head can only run inside the
         model's forward.
         """

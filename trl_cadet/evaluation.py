@@ -343,9 +343,10 @@ def perplexity(
     return math.exp(total_nll / total_tokens)
 
 
-def distinct_n(samples: Sequence[Sequence[str]], n: int) -> float:
+def distinct_n(samples: Sequence[Sequence[str]], n: int) -> float | None:
     """Diversity of the samples, as in the detoxification literature: for each prompt, the number of distinct word
-    n-grams over all n-grams of its samples (words split on whitespace), averaged over the prompts that have any."""
+    n-grams over all n-grams of its samples (words split on whitespace), averaged over the prompts that have any;
+    `None` when no sample has `n` words."""
     ratios = []
     for completions in samples:
         grams = [
@@ -356,7 +357,7 @@ def distinct_n(samples: Sequence[Sequence[str]], n: int) -> float:
         ]
         if grams:
             ratios.append(len(set(grams)) / len(grams))
-    return statistics.fmean(ratios) if ratios else float("nan")
+    return statistics.fmean(ratios) if ratios else None
 
 
 @torch.no_grad()
@@ -367,7 +368,7 @@ def generation_perplexity(
     samples: Sequence[Sequence[str]],
     batch_size: int = 16,
     show_progress: bool = True,
-) -> float:
+) -> float | None:
     """Fluency of generated text: the perplexity of the samples' tokens, each given its prompt, under `judge` (a
     reference LM such as the base model; it must share `tokenizer`). Word salad scores high even when it is not toxic.
     """
@@ -381,7 +382,7 @@ def generation_perplexity(
             if completion_ids:
                 rows.append((prompt_ids, completion_ids))
     if not rows:
-        return float("nan")
+        return None  # no sample has a token to score
     was_training = judge.training
     judge.eval()
     total_nll, total_tokens = 0.0, 0
