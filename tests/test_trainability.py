@@ -96,14 +96,3 @@ def test_no_warning_when_training_works(tokenizer, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_cadet.trainability"):
         trainer.train()
     assert "received a gradient" not in caplog.text
-
-
-def test_only_the_optional_kernel_notice_of_bitsandbytes_is_silenced(caplog):
-    import trl_cadet  # noqa: F401  (installs the filter)
-
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
-        logger.warning("Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32.")
-    assert "gemm_4bit_forward" not in caplog.text
-    assert "Input type into Linear4bit" in caplog.text

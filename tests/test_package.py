@@ -1,0 +1,27 @@
+"""The package itself: what `import trl_cadet` costs and prints."""
+
+import logging
+
+
+def test_only_the_optional_kernel_notice_of_bitsandbytes_is_silenced(caplog):
+    import trl_cadet  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        logger.warning("Input type into Linear4bit is torch.float16, but bnb_4bit_compute_dtype=torch.float32.")
+    assert "gemm_4bit_forward" not in caplog.text
+    assert "Input type into Linear4bit" in caplog.text
+
+
+def test_import_is_lazy_and_every_public_name_resolves():
+    """`import trl_cadet` does not import TRL's trainers (as TRL's own lazy module); each public name still resolves."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trl_cadet; heavy = [m for m in ('trl', 'peft', 'bitsandbytes') if m in sys.modules]; "
+        "print(heavy); print(all(getattr(trl_cadet, name) for name in trl_cadet.__all__))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True", out
