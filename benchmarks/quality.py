@@ -179,6 +179,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         "Figure 3). Default: the demo's λ only.",
     )
     parser.add_argument("--no_plot", action="store_true", help="Do not write the plots.")
+    parser.add_argument(
+        "--save_samples", action="store_true", help="Keep each row's evaluation samples in quality.json."
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the runs that the budgets give, and exit.")
     args, passthrough = parser.parse_known_args(argv)
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
@@ -687,6 +690,7 @@ def run_row(context: Context, run: dict) -> dict:
         logits_processor=processor,
         model_name_or_path=f"{run['row']} ({context.model_path})",
         fluency_model=fluency_model,
+        save_samples=context.options.get("save_samples", False),
         show_progress=False,
     )
     if "useful" in context.corpus:
@@ -836,6 +840,7 @@ def main(argv=None) -> int:
             "dpo_num_samples",
             "threads",
             "lambdas",
+            "save_samples",
         )
     }
     import torch
