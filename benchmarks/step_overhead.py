@@ -54,7 +54,15 @@ def corpus(n: int = 64):
     )
 
 
-def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str):
+def lora_config():
+    """The demo's LoRA adapters (`DEMO_DEFAULTS` of examples/cadet_llama.py)."""
+    from peft import LoraConfig
+
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
+
+
+def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str, lora: bool = False):
     from trl import SFTConfig, SFTTrainer
 
     from trl_cadet import CADETConfig, CADETTrainer
@@ -71,14 +79,18 @@ def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str):
         disable_tqdm=True,
         max_length=128,
     )
+    peft = {"peft_config": lora_config()} if lora else {}
     if kind == "sft":
-        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=corpus(), processing_class=tokenizer)
+        return SFTTrainer(
+            model=model, args=SFTConfig(**common), train_dataset=corpus(), processing_class=tokenizer, **peft
+        )
     trainer = CADETTrainer(
         model=model,
         oracle_funcs=lambda prompts, completions, **kw: [1.0] * len(completions),
         args=CADETConfig(**common, cadet_lambda=1.0, steps_per_round=10**9),
         train_dataset=corpus(),
         processing_class=tokenizer,
+        **peft,
     )
     import torch
 
@@ -150,13 +162,13 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     return {key: statistics.median(values[1:]) for key, values in parts.items()}
 
 
-def peak_memory(model_name: str, kind: str, batch_size: int, steps: int) -> float:
+def peak_memory(model_name: str, kind: str, batch_size: int, steps: int, lora: bool = False) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
         "import resource, sys, tempfile; sys.argv = ['x']; "
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
-        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp()); "
+        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -171,6 +183,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory subprocesses.")
+    parser.add_argument("--lora", action="store_true", help="Train the demo's LoRA adapters instead of every weight.")
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
 
@@ -180,16 +193,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     results = []
     for model_name in args.models.split(","):
-        row = {"model": model_name, "batch_size": args.batch_size, "steps": args.steps}
+        row = {"model": model_name, "batch_size": args.batch_size, "steps": args.steps, "lora": args.lora}
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
-                trainer = make_trainer(kind, model, tokenizer, args.batch_size, tmp)
+                trainer = make_trainer(kind, model, tokenizer, args.batch_size, tmp, args.lora)
                 row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
                 if kind == "cadet":
                     row["cadet_parts_s"] = breakdown(trainer, max(3, args.steps // 2))
             if not args.no_memory:
-                row[f"{kind}_peak_mib"] = peak_memory(model_name, kind, args.batch_size, 2)
+                row[f"{kind}_peak_mib"] = peak_memory(model_name, kind, args.batch_size, 2, args.lora)
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
 
