@@ -318,26 +318,37 @@ def perplexity(
     if not sequences:
         raise ValueError("No text has two tokens or more, so there is no token to predict. Pass longer texts.")
     sequences.sort(key=len)  # less padding per batch; the token-weighted sum does not depend on the order
+    # Every token but the first of each text is predicted from the tokens before it
+    return _perplexity(model, [(ids, 1) for ids in sequences], batch_size, "Perplexity", show_progress)
 
+
+@torch.no_grad()
+def _perplexity(
+    model: PreTrainedModel, rows: list[tuple[list[int], int]], batch_size: int, desc: str, show_progress: bool
+) -> float:
+    """`exp(total NLL / scored tokens)` of `model` over `(token ids, index of the first scored token)` rows, each
+    token scored from the tokens before it; right padding, so each row's positions are those of its unpadded text."""
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in tqdm(range(0, len(sequences), batch_size), desc="Perplexity", disable=not show_progress):
-            batch = sequences[start : start + batch_size]
-            length = max(len(ids) for ids in batch)
-            # Right padding: each row's positions and logits are those of the unpadded text
-            input_ids = torch.zeros(len(batch), length, dtype=torch.long)
-            attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
-            for row, ids in enumerate(batch):
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not show_progress):
+            batch = rows[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, (ids, first) in enumerate(batch):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
+                labels[row, first : len(ids)] = torch.tensor(ids[first:])
                 attention_mask[row, : len(ids)] = 1
-            input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-            labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+            targets = labels[:, 1:].to(model.device)
+            nll = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
             total_nll += nll.item()
-            total_tokens += int(attention_mask[:, 1:].sum())
+            total_tokens += int((targets != -100).sum())
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
@@ -383,30 +394,7 @@ def generation_perplexity(
                 rows.append((prompt_ids, completion_ids))
     if not rows:
         return None  # no sample has a token to score
-    was_training = judge.training
-    judge.eval()
-    total_nll, total_tokens = 0.0, 0
-    try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="Fluency", disable=not show_progress):
-            batch = rows[start : start + batch_size]
-            width = max(len(p) + len(c) for p, c in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, (p, c) in enumerate(batch):
-                input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-                labels[row, len(p) : len(p) + len(c)] = torch.tensor(c)
-                attention_mask[row, : len(p) + len(c)] = 1
-            logits = judge(input_ids=input_ids.to(judge.device), attention_mask=attention_mask.to(judge.device)).logits
-            targets = labels[:, 1:].to(judge.device)
-            nll = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            total_nll += nll.item()
-            total_tokens += int((targets != -100).sum())
-    finally:
-        judge.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return _perplexity(judge, [(p + c, len(p)) for p, c in rows], batch_size, "Fluency", show_progress)
 
 
 def evaluate_model(
