@@ -446,8 +446,8 @@ class CADETTrainer(SFTTrainer):
             oracle_device = torch.device(args.oracle_device) if args.oracle_device else self.accelerator.device
             self._nado_train = copy.deepcopy(self.nado).to(oracle_device)
             self._oracle_device = oracle_device
-            # The background thread uses as many intra-op threads as the trainer's (a new thread would otherwise get
-            # OpenMP's default), so that its reductions, hence a resumed run, are reproducible
+            # The background thread uses as many intra-op threads as the trainer (a new thread would otherwise get
+            # OpenMP's default, every core)
             self._executor = ThreadPoolExecutor(
                 max_workers=1,
                 thread_name_prefix="cadet-oracle",
