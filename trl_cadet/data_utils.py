@@ -19,6 +19,11 @@ def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
     return dataset.column_names or list(next(iter(dataset)).keys())
 
 
+def _last_assistant_turn(messages: list[dict]) -> int | None:
+    """Index of a conversation's last assistant turn: the oracle phase's prompt is the conversation before it."""
+    return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+
+
 def prompt_column(dataset: Dataset | IterableDataset, text_field: str = "text", name: str = "dataset") -> str:
     """The column the oracle phase takes its prompts from, or a `ValueError` saying what to change."""
     columns = _column_names(dataset)
@@ -124,7 +129,7 @@ def extract_prompts(
             prompts.append(value)
         elif column in ("messages", "conversations"):
             messages = maybe_convert_to_chatml(example)["messages"] if column == "conversations" else value
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            last = _last_assistant_turn(messages)
             if last:
                 prompts.append(messages[:last])
         else:
@@ -234,7 +239,7 @@ def extract_completions(
             break
         if "messages" in columns or "conversations" in columns:
             messages = maybe_convert_to_chatml(example)["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            last = _last_assistant_turn(messages)
             if not last:
                 continue
             prompt, completion = messages[:last], messages[last : last + 1]
