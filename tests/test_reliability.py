@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_cadet import CADETTrainer, NADOModel
-from trl_cadet.cadet_trainer import STAGING_DIR, STREAMED_PROMPT_ROWS, last_complete_checkpoint
+from trl_cadet.cadet_trainer import NADO_DIR, STAGING_DIR, STREAMED_PROMPT_ROWS, last_complete_checkpoint
 from trl_cadet.oracles.base import check_scores
 
 
@@ -485,6 +485,24 @@ def test_best_checkpoint_points_to_the_published_folder(tokenizer, tmp_path):
     assert best is not None and os.path.basename(best).startswith("checkpoint-") and os.path.isdir(best)
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert STAGING_DIR not in saved["best_model_checkpoint"]
+
+
+def test_a_final_save_killed_halfway_is_refused_when_its_nado_model_is_loaded(tokenizer, tmp_path, monkeypatch):
+    trainer = build(tmp_path / "run", tokenizer)
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    assert NADOModel.from_pretrained(str(final), subfolder=NADO_DIR) is not None
+    shutil.copytree(final / NADO_DIR, tmp_path / "nado-copy")  # a NADO folder copied away from its model loads
+    # Killed after the model was written, before the NADO model: the model is new, nado/ is the previous save's
+    monkeypatch.setattr(NADOModel, "save_pretrained", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model(str(final))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not belong to the model saved in .*did not complete"):
+        NADOModel.from_pretrained(str(final), subfolder=NADO_DIR)
+    assert NADOModel.from_pretrained(str(tmp_path / "nado-copy")) is not None
+    trainer.save_model(str(final))  # saving again makes the pair whole
+    assert NADOModel.from_pretrained(str(final / NADO_DIR)) is not None
 
 
 def test_resume_true_skips_an_incomplete_checkpoint(tokenizer, tmp_path, caplog):

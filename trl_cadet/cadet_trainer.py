@@ -35,7 +35,13 @@ from .data_utils import (
     formatted_corpus,
     prompt_column,
 )
-from .modeling_nado import NADOConfig, NADOModel
+from .modeling_nado import (
+    NADOConfig,
+    NADOModel,
+    new_save_record,
+    remove_save_record,
+    write_save_record,
+)
 from .nado import adaptive_lambda, cadet_kl, regularized_mask
 from .oracle_phase import (
     Labelling,
@@ -886,18 +892,28 @@ class CADETTrainer(SFTTrainer):
     # Saving and resuming
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Trainer's `save_model`, plus the NADO model in `nado/`. The folder's save record is removed first and
+        written last, with an id the NADO folder also holds: a save killed halfway leaves the two unmatched, and
+        `NADOModel.from_pretrained` then refuses the NADO model instead of pairing it with a model it does not belong
+        to."""
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            remove_save_record(folder)
         super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             if not _internal_call:
                 # The final model goes with the newest NADO model
                 self._finish_pending_phase(install=True)
-            self.nado.save_pretrained(os.path.join(output_dir, NADO_DIR))
+            nado_dir = os.path.join(folder, NADO_DIR)
+            record = new_save_record(folder, nado_dir)
+            self.nado.save_pretrained(nado_dir)
+            write_save_record(nado_dir, record)
             if not _internal_call:
                 # A final model gets the CADET model card, not PEFT's blank template
                 self.create_model_card()
-                if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
-                    shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(output_dir, "README.md"))
+                if os.path.abspath(folder) != os.path.abspath(self.args.output_dir):
+                    shutil.copy(os.path.join(self.args.output_dir, "README.md"), os.path.join(folder, "README.md"))
+            write_save_record(folder, record)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, plus what CADET did (λ, oracles, rounds, NADO model) and how to load the NADO model."""

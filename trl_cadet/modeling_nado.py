@@ -13,11 +13,73 @@ on the next token, so `q = p` and the regulariser is zero before the first oracl
 the first phase's mean label (`set_prior`), so that training starts at the base rate.
 """
 
+import json
 import math
+import os
+import uuid
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import CONFIG_NAME
+
+
+# Written by `CADETTrainer.save_model` into the NADO folder and, last, into the model's folder with the same id: the
+# two match only when the save of the model and of its NADO model both completed
+SAVE_RECORD_NAME = "cadet_save.json"
+MODEL_FILES = (CONFIG_NAME, "adapter_config.json")
+
+
+def new_save_record(output_dir: str, nado_dir: str) -> dict:
+    """A record for a save in progress; write it with `write_save_record`, into `nado_dir` first, `output_dir` last."""
+    return {"save_id": uuid.uuid4().hex, "nado": os.path.relpath(nado_dir, output_dir)}
+
+
+def write_save_record(folder: str, record: dict) -> None:
+    """Write `record` into `folder` in one rename, so that a reader never sees half of it."""
+    path = os.path.join(folder, SAVE_RECORD_NAME)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(f"{path}.tmp", path)
+
+
+def remove_save_record(folder: str) -> None:
+    """Mark `folder` as being saved: until a new record is written, its model and NADO model may not match."""
+    try:
+        os.remove(os.path.join(folder, SAVE_RECORD_NAME))
+    except FileNotFoundError:
+        pass
+
+
+def _read_save_record(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, SAVE_RECORD_NAME)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def check_save_record(nado_dir: str) -> None:
+    """Raise if the NADO model in `nado_dir` was saved beside a model by a save that did not complete.
+
+    A NADO folder without a record (saved by itself, or by an older version) and one copied away from its model are
+    not checked.
+    """
+    own = _read_save_record(nado_dir)
+    if own is None:
+        return
+    model_dir = os.path.dirname(os.path.normpath(nado_dir))
+    beside = _read_save_record(model_dir)
+    if beside is None and not any(os.path.exists(os.path.join(model_dir, name)) for name in MODEL_FILES):
+        return
+    if beside is None or beside.get("save_id") != own.get("save_id"):
+        raise ValueError(
+            f"The NADO model in {nado_dir} does not belong to the model saved in {model_dir}: the save there did not "
+            f"complete (interrupted while writing the model or the NADO model; {SAVE_RECORD_NAME} "
+            f"{'is missing' if beside is None else 'names another save'}), so the two may come from different points "
+            "of training. Save again from the last checkpoint (`trainer.train(resume_from_checkpoint=True)`, then "
+            "`trainer.save_model()`), or load a `checkpoint-N` folder, which is always complete."
+        )
 
 
 class NADOConfig(PretrainedConfig):
@@ -161,6 +223,15 @@ class NADOModel(PreTrainedModel):
         else:
             self.bias.fill_(logit)
         self.prior_is_set.fill_(True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "NADOModel":
+        """`PreTrainedModel.from_pretrained`, refusing a local NADO folder whose save with its model did not complete
+        (see `check_save_record`)."""
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            check_save_record(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
     def from_lm(cls, lm: PreTrainedModel, num_layers: int = 0, hidden_state_layer: int = -1, **kwargs) -> "NADOModel":
