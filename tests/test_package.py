@@ -39,6 +39,8 @@ def test_the_libraries_gradient_checkpointing_deprecation_is_silenced_and_nothin
         "num_attention_heads=2, num_key_value_heads=2)); model.is_gradient_checkpointing; "
         "warnings.warn('another deprecation', FutureWarning)"
     )
-    err = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True).stderr
+    err = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True
+    ).stderr
     assert "another deprecation" in err
     assert "is_gradient_checkpointing" not in err
