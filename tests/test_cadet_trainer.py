@@ -364,3 +364,33 @@ def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama
 
 def logged_metric(trainer, key):
     return trainer._metrics["train"][key][-1]
+
+
+def test_the_progress_bar_counts_the_oracle_phases_to_come_once_each(tokenizer, tiny_llama, tmp_path):
+    """Trainer's bar would spread the oracle phase over every remaining step; this one adds the phases to come."""
+    from types import SimpleNamespace
+
+    from trl_cadet.progress import RoundProgressCallback
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, disable_tqdm=False),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    assert [type(c) for c in trainer.callback_handler.callbacks].count(RoundProgressCallback) == 1
+    trainer.train()
+    assert trainer.oracle_blocking_s > 0 and trainer.last_oracle_blocking_s > 0
+
+    # 100 s so far, 80 of them in oracle phases: 2 steps of 10 s. Steps 2 to 10 left, and rounds start at 4 and 8
+    timed = SimpleNamespace(oracle_blocking_s=80.0, last_oracle_blocking_s=40.0)
+    callback = RoundProgressCallback(timed)
+    callback.start_step, callback.started_at, callback.blocked_at_start = 0, time.perf_counter() - 100.0, 0.0
+    callback.training_bar = SimpleNamespace(format_interval=lambda s: f"{s:.0f}s")
+    left_s, pace = callback.time_left(step=2, max_steps=10, steps_per_round=4)
+    assert left_s == pytest.approx(8 * 10 + 2 * 40, abs=1.0)  # Trainer's rate (50 s/step) would say 400
+    assert pace.startswith("10.00s/step") and "x 2 left" in pace
+    assert callback.time_left(step=9, max_steps=10, steps_per_round=4)[0] == pytest.approx(
+        20 / 9, abs=0.1
+    )  # no phase left

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTTrainer
@@ -57,6 +58,7 @@ from .oracle_phase import (
 )
 from .oracles.base import OraclePhaseStopped
 from .oracles.registry import load_oracle
+from .progress import RoundProgressCallback
 from .trainability import NoGradientWarning, keep_4bit_layers_trainable
 
 
@@ -480,8 +482,14 @@ class CADETTrainer(SFTTrainer):
         self._snapshot: PreTrainedModel | None = None
         self._round_started_at: float | None = None
         self._round_blocking = 0.0
+        # Seconds oracle phases held training up in this process: in all, and at the start of the latest round
+        self.oracle_blocking_s, self.last_oracle_blocking_s = 0.0, 0.0
         self._head_gives_logits: bool | None = None  # decided on the first batch, see `_trained_logits`
         self.add_callback(_RoundTimer(self))
+        # Trainer's progress bar estimates the time left from its recent steps, oracle phase included
+        if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
+            self.callback_handler.pop_callback(ProgressCallback)
+            self.add_callback(RoundProgressCallback(self))
 
     @staticmethod
     def _check_pad_token(tokenizer: PreTrainedTokenizerBase, args: CADETConfig) -> None:
@@ -615,7 +623,9 @@ class CADETTrainer(SFTTrainer):
         """The last round has no successor to close it: finish its background phase and time it."""
         started = time.perf_counter()
         self._finish_pending_phase(install=True)
-        self._round_blocking += time.perf_counter() - started
+        blocked = time.perf_counter() - started
+        self._round_blocking += blocked
+        self.oracle_blocking_s += blocked
         self._close_round()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -661,7 +671,10 @@ class CADETTrainer(SFTTrainer):
             self._finish_pending_phase(install=True)
             snapshot = self._snapshot_policy()
             self._pending = self._executor.submit(self._oracle_phase, snapshot, round_index, None)
-        self._round_blocking += time.perf_counter() - now
+        blocked = time.perf_counter() - now
+        self._round_blocking += blocked
+        self.oracle_blocking_s += blocked
+        self.last_oracle_blocking_s = blocked
 
     def _snapshot_policy(self) -> PreTrainedModel:
         """A frozen copy of the current policy on the oracle device, refreshed in place after the first round."""
