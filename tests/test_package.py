@@ -28,8 +28,9 @@ def test_import_is_lazy_and_every_public_name_resolves():
 
 
 def test_the_libraries_gradient_checkpointing_deprecation_is_silenced_and_nothing_else():
-    """TRL and PEFT read `is_gradient_checkpointing`, deprecated in transformers 5; our users should not see it at every
-    oracle phase, but they should see every other FutureWarning."""
+    """TRL's configs default `gradient_checkpointing=True` and TRL and PEFT read `is_gradient_checkpointing`, both
+    deprecated in transformers 5; our users should not see that at every config and oracle phase, but they should see
+    every other FutureWarning."""
     import subprocess
     import sys
 
@@ -37,10 +38,11 @@ def test_the_libraries_gradient_checkpointing_deprecation_is_silenced_and_nothin
         "import warnings, trl_cadet; from transformers import LlamaConfig, LlamaForCausalLM; "
         "model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, "
         "num_attention_heads=2, num_key_value_heads=2)); model.is_gradient_checkpointing; "
+        "trl_cadet.CADETConfig(output_dir='unused', use_cpu=True, bf16=False); "
         "warnings.warn('another deprecation', FutureWarning)"
     )
     err = subprocess.run(
         [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True
     ).stderr
     assert "another deprecation" in err
-    assert "is_gradient_checkpointing" not in err
+    assert "gradient_checkpointing" not in err

@@ -4,9 +4,11 @@ bitsandbytes announces, at every import on an AVX512-BF16 CPU, that an optional 
 from the Hub. CADET trains its 4-bit layers unpacked (`trl_cadet.trainability`), where that kernel is never used.
 Every other bitsandbytes message goes through.
 
-transformers 5 deprecates `PreTrainedModel.is_gradient_checkpointing`, which TRL's `unwrap_model_for_generation` and
-PEFT still read: every oracle phase would print the FutureWarning, about code that is neither ours nor the user's.
-Only that message is ignored.
+transformers 5 renames gradient checkpointing to activation checkpointing. TRL's configs still default
+`gradient_checkpointing=True` (so every `CADETConfig`, like every `SFTConfig`, would warn that the field is deprecated,
+though TRL documents it as its option), and TRL's `unwrap_model_for_generation` and PEFT still read
+`PreTrainedModel.is_gradient_checkpointing` (every oracle phase would warn). These FutureWarnings are about code that
+is neither ours nor the user's; only they are ignored.
 """
 
 import logging
@@ -23,7 +25,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNoti
 
 def ignore_library_deprecations() -> None:
     """Ignore the FutureWarnings that the libraries' own calls raise (called once, at import)."""
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    for name in ("is_gradient_checkpointing", "gradient_checkpointing", "gradient_checkpointing_kwargs"):
+        warnings.filterwarnings("ignore", message=rf"`{name}` is deprecated", category=FutureWarning)
 
 
 ignore_library_deprecations()
