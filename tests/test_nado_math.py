@@ -255,6 +255,36 @@ def test_cadet_kl_is_zero_when_R_is_constant_per_context():
     assert grad.abs().max().item() < 1e-6
 
 
+def test_with_min_p_q_reweights_the_plausible_tokens_only_and_leaves_the_others_untouched():
+    """`min_p`: q ∝ p·R among the tokens with p >= min_p · max p, by brute force, with their total mass kept; every
+    other token keeps p, so the regulariser's gradient on it is zero (it can never raise a token the LM would not
+    write); a constant R gives q = p."""
+    torch.manual_seed(0)
+    lm_logits = (3 * torch.randn(4, 6, 40)).requires_grad_()
+    nado_logits = 2 * torch.randn(4, 6, 40)
+    min_p = 0.05
+    p = torch.softmax(lm_logits.detach(), -1)
+    plausible = p >= min_p * p.max(-1, keepdim=True).values
+    assert plausible.sum(-1).min() >= 1 and (~plausible).sum(-1).min() >= 1  # both kinds at every context
+    q = target_logprobs(lm_logits.detach(), nado_logits, min_p=min_p).exp()
+    R = torch.sigmoid(nado_logits)
+    for index in itertools.product(range(4), range(6)):
+        keep = plausible[index]
+        expected = p[index][keep] * R[index][keep]
+        expected = expected / expected.sum() * p[index][keep].sum()
+        torch.testing.assert_close(q[index][keep], expected)
+        torch.testing.assert_close(q[index][~keep], p[index][~keep])
+    kl = cadet_kl(lm_logits, nado_logits, min_p=min_p)
+    (grad,) = torch.autograd.grad(kl, lm_logits)
+    assert grad[~plausible].abs().max().item() < 1e-8
+    assert grad[plausible].abs().max().item() > 1e-3
+    # Without the cut-off, the same R raises some implausible tokens: the cause of the samples' invented words
+    (grad_all,) = torch.autograd.grad(cadet_kl(lm_logits, nado_logits), lm_logits)
+    assert (grad_all[~plausible] < 0).any()
+    constant = torch.randn(4, 6, 1).expand(4, 6, 40)
+    torch.testing.assert_close(target_logprobs(lm_logits.detach(), constant, min_p=min_p).exp(), p)
+
+
 def test_nado_loss_sends_no_gradient_to_lm_logits():
     toy = Toy(seed=5)
     sequences, labels = toy.sample(16, seed=2)

@@ -107,6 +107,11 @@ class CADETConfig(SFTConfig):
         lambda_lr (`float`, *optional*, defaults to `4.0`):
             η, the step size of the adaptive schedule on log λ: a satisfaction 0.1 below target multiplies λ by
             `exp(0.4) ≈ 1.5`.
+        cadet_min_p (`float`, *optional*, defaults to `0.1`):
+            The regulariser's target `q ∝ p_θ · R` reweights only the tokens with `p_θ(v) >= cadet_min_p · max p_θ`
+            at each position (the rule of min-p sampling); the other tokens keep their probability, so the regulariser
+            never raises a token the LM would not write. `0.0` reweights every token (the exact `q*`, whose samples
+            drift into invented words; see docs/cadet_trainer.md).
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
             of the latest oracle samples, one extra forward pass per step) or `"both"`.
@@ -262,6 +267,13 @@ class CADETConfig(SFTConfig):
         default=4.0,
         metadata={"help": "η, the step size of the adaptive λ schedule on log λ."},
     )
+    cadet_min_p: float = field(
+        default=0.1,
+        metadata={
+            "help": "The regulariser's target q reweights only the tokens with p >= cadet_min_p · max p at each "
+            "position (min-p's rule); the other tokens keep their probability. 0 reweights every token."
+        },
+    )
     regularized_positions: str = field(
         default="corpus",
         metadata={
@@ -333,6 +345,10 @@ class CADETConfig(SFTConfig):
             raise ValueError(f"`nado_learning_rate` must be positive, got {self.nado_learning_rate}.")
         if self.temperature <= 0:
             raise ValueError(f"`temperature` must be positive, got {self.temperature}.")
+        if not 0.0 <= self.cadet_min_p < 1.0:
+            raise ValueError(
+                f"`cadet_min_p` must be in [0, 1), got {self.cadet_min_p}; 0 lets the regulariser reweight every token."
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if self.oracle_max_retries < 0:

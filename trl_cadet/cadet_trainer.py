@@ -789,7 +789,7 @@ class CADETTrainer(SFTTrainer):
                     nado_logits = self.nado(hidden[mask], output_embeddings=embeddings)
             # Ω is the mean over its own positions (METHOD.md), so that λ does not depend on the length of the
             # prompts around the completions; summed over accumulated micro-batches like the LM loss
-            kl = cadet_kl(logits, nado_logits, mask=omega, lm_logprobs=log_p)
+            kl = cadet_kl(logits, nado_logits, mask=omega, lm_logprobs=log_p, min_p=self.args.cadet_min_p)
             if num_items_in_batch is not None:
                 kl = kl / self.current_gradient_accumulation_steps
             if lam > 0:
@@ -900,7 +900,7 @@ class CADETTrainer(SFTTrainer):
         embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
             nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
-        return cadet_kl(logits, nado_logits)
+        return cadet_kl(logits, nado_logits, min_p=self.args.cadet_min_p)
 
     # Saving and resuming
 

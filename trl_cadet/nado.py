@@ -29,17 +29,32 @@ def guided_logits(lm_logits: torch.Tensor, nado_logits: torch.Tensor, strength: 
     return lm_logits.float() + strength * F.logsigmoid(nado_logits.float())
 
 
-def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor) -> torch.Tensor:
+def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: float = 0.0) -> torch.Tensor:
     """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
+
+    With `min_p > 0`, `q` reweights only the tokens the LM itself finds plausible, those with `p(v | ctx) >= min_p ·
+    max_u p(u | ctx)` (the rule of min-p sampling): every other token gets the `p`-weighted mean of `R` over the
+    plausible ones, so that it keeps its probability under `p` (`q(v) = p(v)`) and probability moves only between
+    plausible tokens, never to a token the LM would not write.
 
     Args:
         lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM at each context.
         nado_logits (`torch.Tensor` of shape `[..., V]`): NADO logits `r(ctx, v)` with `R = sigmoid(r)`.
+        min_p (`float`, *optional*, defaults to `0.0`): the plausibility cut-off, relative to the most likely token;
+            0 reweights every token.
 
     Returns:
         `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
     """
-    return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
+    if not min_p:
+        return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
+    log_p = torch.log_softmax(lm_logits.float(), dim=-1)
+    log_r = F.logsigmoid(nado_logits.float())
+    plausible = log_p >= log_p.max(dim=-1, keepdim=True).values + math.log(min_p)
+    outside = torch.full_like(log_p, -math.inf)
+    log_mass = torch.logsumexp(torch.where(plausible, log_p, outside), dim=-1, keepdim=True)
+    log_mean_r = torch.logsumexp(torch.where(plausible, log_p + log_r, outside), dim=-1, keepdim=True) - log_mass
+    return torch.log_softmax(log_p + torch.where(plausible, log_r, log_mean_r), dim=-1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -56,6 +71,7 @@ def cadet_kl(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     lm_logprobs: torch.Tensor | None = None,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
 
@@ -72,6 +88,8 @@ def cadet_kl(
             masked contexts set to 0).
         lm_logprobs (`torch.Tensor` of shape `[..., V]`, *optional*): `log_softmax(lm_logits)` in float32, when the
             caller already has it (the trainer computes it once for the LM loss and the regulariser).
+        min_p (`float`, *optional*, defaults to `0.0`): `q` reweights only the tokens with `p >= min_p · max p` (see
+            `target_logprobs`); the others keep their probability.
 
     Returns:
         `torch.Tensor`: a scalar, or the per-context KL with `reduction="none"`.
@@ -79,7 +97,7 @@ def cadet_kl(
     log_p = torch.log_softmax(lm_logits.float(), dim=-1) if lm_logprobs is None else lm_logprobs
     # q is a fixed target: built from detached inputs, so no graph is recorded for it. log_softmax(z + a) equals
     # log_softmax(log_softmax(z) + a), so log p serves as the logits.
-    log_q = target_logprobs(log_p.detach(), nado_logits.detach())
+    log_q = target_logprobs(log_p.detach(), nado_logits.detach(), min_p=min_p)
     q = log_q.exp()
     # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
     per_context = (q * (log_q - log_p)).nan_to_num(nan=0.0, posinf=0.0).sum(dim=-1)
