@@ -176,7 +176,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         "--lambdas",
         default=None,
         help="Comma-separated λ values: the `cadet` row runs once per value (a trade-off curve, as the paper's "
-        "Figure 3). Default: the demo's λ only.",
+        "Figure 3). A value `λ:min_p` also sets `cadet_min_p` for that run (a point off the curve). Default: the "
+        "demo's λ only.",
     )
     parser.add_argument("--no_plot", action="store_true", help="Do not write the plots.")
     parser.add_argument(
@@ -202,7 +203,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"--{name} must be at least 1.")
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", f"quality-{args.model}")
-    args.lambdas = None if args.lambdas is None else [float(value) for value in args.lambdas.split(",") if value]
+    if args.lambdas is not None:
+        try:
+            args.lambdas = [tuple(float(x) for x in value.split(":")) for value in args.lambdas.split(",") if value]
+        except ValueError:
+            parser.error(f"--lambdas: expected values such as 4,8 or 8:0.02 (λ:min_p), got {args.lambdas!r}.")
+        if any(len(value) > 2 for value in args.lambdas):
+            parser.error(f"--lambdas: a value is λ or λ:min_p, got {args.lambdas!r}.")
     return args, passthrough
 
 
@@ -355,13 +362,16 @@ def plan_runs(
         for row in rows:
             variants = [(row, plans[budget][row])]
             if row == "cadet" and options.get("lambdas"):
-                variants = [
-                    (f"cadet λ={lam:g}", {**plans[budget][row], "cadet_lambda": lam}) for lam in options["lambdas"]
-                ]
+                variants = []
+                for lam, *min_p in options["lambdas"]:
+                    plan = {**plans[budget][row], "cadet_lambda": lam}
+                    if min_p:
+                        plan["cadet_min_p"] = min_p[0]
+                    variants.append((f"cadet λ={lam:g}" + (f", min-p {min_p[0]:g}" if min_p else ""), plan))
             for label, plan in variants:
                 key = json.dumps([row, plan], sort_keys=True)
                 if key not in runs:
-                    run_id = f"{budget}-{label}".replace(" λ=", "-lambda")
+                    run_id = f"{budget}-{label}".replace(" λ=", "-lambda").replace(", min-p ", "-minp")
                     runs[key] = {"run_id": run_id, "row": row, "plan": plan}
                 entries.append({"budget": budget, "row": label, "run_id": runs[key]["run_id"], "plan": plan})
     summary = {
@@ -631,7 +641,9 @@ def _cadet(context, plan, oracle, output_dir, **schedule):
 
 
 def row_cadet(context, plan, oracle, output_dir):
-    return _cadet(context, plan, oracle, output_dir, **{k: plan[k] for k in ("cadet_lambda",) if k in plan})
+    return _cadet(
+        context, plan, oracle, output_dir, **{k: plan[k] for k in ("cadet_lambda", "cadet_min_p") if k in plan}
+    )
 
 
 def row_cadet_parallel(context, plan, oracle, output_dir):
@@ -813,7 +825,12 @@ def plot(rows: list[dict], output_dir: str) -> list[str]:
     paths = []
     for budget in dict.fromkeys(row["budget"] for row in rows):
         entries = [
-            {"label": row["row"], "lambda": row["plan"].get("cadet_lambda"), "report": row["report"]}
+            {
+                # a run with its own `cadet_min_p` is a point off the λ curve
+                "label": row["row"],
+                "lambda": None if "cadet_min_p" in row["plan"] else row["plan"].get("cadet_lambda"),
+                "report": row["report"],
+            }
             for row in rows
             if row["budget"] == budget and row.get("report")
         ]
@@ -901,6 +918,7 @@ def main(argv=None) -> int:
                 "max_length",
                 "seed",
                 "cadet_lambda",
+                "cadet_min_p",
                 "steps_per_round",
                 "prompts_per_round",
                 "num_generations",
