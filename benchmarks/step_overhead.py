@@ -152,7 +152,7 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
             embeddings = model.get_output_embeddings().weight
             nado_logits = trainer.nado(hidden_states[-1].detach()[mask], output_embeddings=embeddings)
         t2 = time.perf_counter()
-        kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p)
+        kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p, min_p=trainer.args.cadet_min_p)
         t3 = time.perf_counter()
         (lm_loss + kl).backward()
         model.zero_grad()
