@@ -51,7 +51,7 @@ def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: f
     log_p = torch.log_softmax(lm_logits.float(), dim=-1)
     log_r = F.logsigmoid(nado_logits.float())
     plausible = log_p >= log_p.max(dim=-1, keepdim=True).values + math.log(min_p)
-    outside = torch.full_like(log_p, -math.inf)
+    outside = log_p.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
     log_mass = torch.logsumexp(torch.where(plausible, log_p, outside), dim=-1, keepdim=True)
     log_mean_r = torch.logsumexp(torch.where(plausible, log_p + log_r, outside), dim=-1, keepdim=True) - log_mass
     return torch.log_softmax(log_p + torch.where(plausible, log_r, log_mean_r), dim=-1)
