@@ -38,15 +38,14 @@ class RoundProgressCallback(ProgressCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
+        # As `ProgressCallback.on_train_begin`, with this bar, started at the step a resumed run starts from
         self.start_step, self.started_at = state.global_step, time.perf_counter()
         self.blocked_at_start = self.trainer.oracle_blocking_s
         if state.is_world_process_zero:
-            self.training_bar.close()
             self.training_bar = _RoundsBar(
                 total=state.max_steps, initial=state.global_step, dynamic_ncols=True, bar_format=self.BAR_FORMAT
             )
-            self.current_step = state.global_step
+        self.current_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
