@@ -943,8 +943,9 @@ the SFT loss on the corpus plus λ · KL(q ‖ p), where q, the closest distribu
 constraint, comes from an auxiliary NADO model trained on the model's own samples labelled by the oracles.
 
 - oracles: {oracles}; λ: {self.cadet_lambda:g} (`lambda_schedule="{self.args.lambda_schedule}"`, started at
-  {self.args.cadet_lambda:g}; q reweights the tokens with p >= {self.args.cadet_min_p:g} · max p); rounds: {self.current_round + 1} of {self.args.steps_per_round} steps
-  (`round_schedule="{self.args.round_schedule}"`); oracle calls: {self.oracle_calls}
+  {self.args.cadet_lambda:g}; q reweights the tokens with p >= {self.args.cadet_min_p:g} · max p); rounds:
+  {self.current_round + 1} of {self.args.steps_per_round} steps (`round_schedule="{self.args.round_schedule}"`); oracle
+  calls: {self.oracle_calls}
 - NADO model: `{self.nado.config.head}` head, in `{NADO_DIR}/` beside the model
 
 Load the model with its NADO model (for NADO-guided decoding, or to continue training with
