@@ -391,6 +391,9 @@ def test_the_progress_bar_counts_the_oracle_phases_to_come_once_each(tokenizer, 
     left_s, pace = callback.time_left(step=2, max_steps=10, steps_per_round=4)
     assert left_s == pytest.approx(8 * 10 + 2 * 40, abs=1.0)  # Trainer's rate (50 s/step) would say 400
     assert pace.startswith("10.00s/step") and "x 2 left" in pace
+    # Step 4 done: round 1's phase, at step 4, has not run yet
+    assert "x 2 left" in callback.time_left(step=4, max_steps=10, steps_per_round=4)[1]
+    assert "x 1 left" in callback.time_left(step=5, max_steps=10, steps_per_round=4)[1]
     assert callback.time_left(step=9, max_steps=10, steps_per_round=4)[0] == pytest.approx(
         20 / 9, abs=0.1
     )  # no phase left

@@ -60,8 +60,10 @@ class RoundProgressCallback(ProgressCallback):
             return None, ""
         blocked = self.trainer.oracle_blocking_s - self.blocked_at_start
         step_s = max(time.perf_counter() - self.started_at - blocked, 0.0) / steps
-        # A round starts at every multiple of `steps_per_round` below `max_steps`; its oracle phase runs first
-        phases_left = max(math.ceil(max_steps / steps_per_round) - 1 - step // steps_per_round, 0)
+        # Round k starts, with its oracle phase, when step k · steps_per_round is done (k >= 1, below `max_steps`):
+        # those from this step on are still to come
+        last_round = math.ceil(max_steps / steps_per_round) - 1
+        phases_left = max(last_round - max(math.ceil(step / steps_per_round), 1) + 1, 0)
         phase_s = self.trainer.last_oracle_blocking_s
         left_s = (max_steps - step) * step_s + phases_left * phase_s
         pace = f"{step_s:.2f}s/step"
