@@ -112,7 +112,7 @@ DEMO_DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
-    "cadet_lambda": 4.0,
+    "cadet_lambda": 8.0,
     "steps_per_round": 10,
     "prompts_per_round": 32,
     "num_generations": 4,
