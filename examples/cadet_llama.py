@@ -35,6 +35,10 @@ accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml exam
 ```
 """
 
+import trl_cadet  # noqa: F401  (first: it silences bitsandbytes' optional-kernel notice, which importing trl prints)
+
+
+# isort: split
 import dataclasses
 import json
 import logging
