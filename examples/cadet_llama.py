@@ -173,8 +173,9 @@ def make_parser() -> TrlParser:
             action.help = "The model to train. Default: the offline SmolLM2-135M-Instruct (converted once from GGUF)."
     defaults = dict(DEMO_DEFAULTS)
     if not torch.cuda.is_available():
-        # TRL's configs default to bf16 and gradient checkpointing, which a CPU does not do
-        defaults.update(bf16=False, gradient_checkpointing=False)
+        # TRL's configs default to bf16 and gradient checkpointing, which a CPU does not do; pinned memory is for
+        # copies to an accelerator (the data loader warns that there is none)
+        defaults.update(bf16=False, gradient_checkpointing=False, dataloader_pin_memory=False)
     parser.set_defaults(**defaults)
     return parser
 
