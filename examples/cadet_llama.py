@@ -309,9 +309,12 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
     if demo_args.baselines:
         print(f"Plain SFT baseline: {os.path.join(output_dir, 'sft')}")
     print(f"Base model: {model_path}")
+    # With the evaluation's own settings, so that it gives the figures above (the CLI defaults to the literature's 25
+    # samples per prompt, which gives a higher expected maximum toxicity)
     print(
         "Judge a saved model again: trl-cadet evaluate --model MODEL_DIR --prompts demo --texts demo "
-        "--judges jigsaw,profanity"
+        f"--judges {','.join(judges)} --max_prompts {demo_args.num_eval_prompts} --num_samples "
+        f"{demo_args.eval_num_samples} --max_new_tokens {demo_args.eval_max_new_tokens} --seed {demo_args.eval_seed}"
     )
 
 
