@@ -172,7 +172,6 @@ def snapshot_policy(
     return snapshot.eval()
 
 
-@torch.no_grad()
 def no_router_logits(model: PreTrainedModel) -> dict[str, bool]:
     """Keyword arguments that turn off a mixture-of-experts model's router logits, which SFTTrainer turns on for its
     load-balancing loss: the oracle phase needs no such loss, and `generate` cannot compute it (the router logits of a
@@ -181,6 +180,7 @@ def no_router_logits(model: PreTrainedModel) -> dict[str, bool]:
     return {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
 
 
+@torch.no_grad()
 def sample_completions(
     policy: PreTrainedModel,
     processing_class: PreTrainedTokenizerBase,
