@@ -838,9 +838,9 @@ class CADETTrainer(SFTTrainer):
         PEFT labels them -100, the last one is trained to predict the first real token: it is kept, `labels` gets a
         -100 column in front for it, and the other virtual tokens are dropped. Like TRL's fused LM head, only the
         trained positions go through the LM head, so that no `[B, L, V]` logits are built, when the head alone turns
-        the last hidden states into the logits: checked on the first batch against the model's own logits (a model that scales or soft-caps its logits
-        keeps the plain forward), and never with sharded weights (FSDP, ZeRO-3), whose head can only run inside the
-        model's forward.
+        the last hidden states into the logits: checked on the first batch against the model's own logits (a model
+        that scales or soft-caps its logits keeps the plain forward), and never with sharded weights (FSDP, ZeRO-3),
+        whose head can only run inside the model's forward.
         """
         shortcut = self._head_gives_logits
         kwargs = {"use_cache": False, "output_hidden_states": True}
@@ -918,7 +918,7 @@ class CADETTrainer(SFTTrainer):
                 # The final model goes with the newest NADO model
                 self._finish_pending_phase(install=True)
             nado_dir = os.path.join(folder, NADO_DIR)
-            record = new_save_record(folder, nado_dir)
+            record = new_save_record()
             self.nado.save_pretrained(nado_dir)
             write_save_record(nado_dir, record)
             if not _internal_call:

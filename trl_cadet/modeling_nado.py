@@ -30,9 +30,10 @@ SAVE_RECORD_NAME = "cadet_save.json"
 MODEL_FILES = (CONFIG_NAME, "adapter_config.json")
 
 
-def new_save_record(output_dir: str, nado_dir: str) -> dict:
-    """A record for a save in progress; write it with `write_save_record`, into `nado_dir` first, `output_dir` last."""
-    return {"save_id": uuid.uuid4().hex, "nado": os.path.relpath(nado_dir, output_dir)}
+def new_save_record() -> dict:
+    """A record for a save in progress; write it with `write_save_record`, into the NADO folder first, the model's
+    folder last."""
+    return {"save_id": uuid.uuid4().hex}
 
 
 def write_save_record(folder: str, record: dict) -> None:

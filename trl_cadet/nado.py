@@ -48,13 +48,14 @@ def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: f
     """
     if not min_p:
         return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
-    log_p = torch.log_softmax(lm_logits.float(), dim=-1)
+    # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
+    z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
-    plausible = log_p >= log_p.max(dim=-1, keepdim=True).values + math.log(min_p)
-    outside = log_p.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
-    log_mass = torch.logsumexp(torch.where(plausible, log_p, outside), dim=-1, keepdim=True)
-    log_mean_r = torch.logsumexp(torch.where(plausible, log_p + log_r, outside), dim=-1, keepdim=True) - log_mass
-    return torch.log_softmax(log_p + torch.where(plausible, log_r, log_mean_r), dim=-1)
+    plausible = z >= z.max(dim=-1, keepdim=True).values + math.log(min_p)
+    outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
+    log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
+    log_mean_r = torch.logsumexp(torch.where(plausible, z + log_r, outside), dim=-1, keepdim=True) - log_mass
+    return torch.log_softmax(z + torch.where(plausible, log_r, log_mean_r), dim=-1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
