@@ -285,6 +285,61 @@ def test_with_min_p_q_reweights_the_plausible_tokens_only_and_leaves_the_others_
     torch.testing.assert_close(target_logprobs(lm_logits.detach(), constant, min_p=min_p).exp(), p)
 
 
+def test_demote_only_caps_R_at_its_plausible_mean_and_keeps_the_order_of_the_others():
+    """`demote_only`: q ∝ p · min(R, R̄) by brute force (R̄ the p-weighted mean of R over the plausible tokens; the
+    implausible ones count as R̄), so q/p is one constant on every token at least as safe as the average (their order
+    under p is kept) and lower on the others."""
+    torch.manual_seed(1)
+    lm_logits = 3 * torch.randn(4, 6, 40)
+    nado_logits = 2 * torch.randn(4, 6, 40)
+    p = torch.softmax(lm_logits, -1)
+    R = torch.sigmoid(nado_logits)
+    for min_p in (0.0, 0.05):
+        plausible = p >= min_p * p.max(-1, keepdim=True).values
+        mean = (p * R * plausible).sum(-1, keepdim=True) / (p * plausible).sum(-1, keepdim=True)
+        weight = torch.minimum(torch.where(plausible, R, mean), mean)
+        expected = p * weight / (p * weight).sum(-1, keepdim=True)
+        q = target_logprobs(lm_logits, nado_logits, min_p=min_p, demote_only=True).exp()
+        torch.testing.assert_close(q, expected)
+        ratio = q / p
+        safe = torch.where(plausible, R, mean) >= mean
+        top = ratio.masked_fill(~safe, -1).amax(-1, keepdim=True)
+        torch.testing.assert_close(torch.where(safe, ratio, top), top.expand_as(ratio))
+        assert (ratio[~safe] < top.expand_as(ratio)[~safe]).all()
+
+
+def _fit_one_context(target: int, nado_logits: torch.Tensor, lam: float, **target_kwargs) -> torch.Tensor:
+    """p after fitting one context's logits to the corpus token `target` (cross-entropy) plus λ · Ω, by gradient
+    descent from the uniform distribution: the fixed point that fine-tuning tends to on a position seen often."""
+    logits = torch.zeros(nado_logits.shape[-1], requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=0.5)
+    for _ in range(3000):
+        optimizer.zero_grad()
+        log_p = torch.log_softmax(logits, -1)
+        q = target_logprobs(log_p.detach(), nado_logits, **target_kwargs).exp()
+        loss = -log_p[target] + lam * (q * (q.log() - log_p)).sum()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), -1)
+
+
+def test_demote_only_keeps_a_benign_corpus_token_that_full_reweighting_gives_away_to_a_safer_looking_one():
+    """Why `demote_only` exists. With q ∝ p · R built from the current p, a token whose R is more than (1 + λ) / λ
+    times the corpus token's takes the corpus token's place at the fixed point of the LM loss plus λ · Ω, however
+    small the NADO model's error that made it look safer: the LM learns to write other words than the corpus's. With
+    R capped at its mean, the corpus token keeps its place; an insult (an R far below the others') is pushed down
+    as hard by both."""
+    lam = 8.0
+    benign = torch.logit(torch.tensor([0.80, 0.95, 0.60, 0.70, 0.75]))  # token 1 looks 19% safer than token 0
+    full = _fit_one_context(0, benign, lam)
+    demoted = _fit_one_context(0, benign, lam, demote_only=True)
+    assert full[0] < 0.8 and full[1] > 0.2
+    assert demoted[0] > 0.95
+    insult = torch.logit(torch.tensor([0.05, 0.90, 0.85, 0.80, 0.90]))  # the corpus token 0 breaks the constraint
+    assert _fit_one_context(0, insult, lam)[0] < 0.2
+    assert _fit_one_context(0, insult, lam, demote_only=True)[0] < 0.2
+
+
 def test_nado_loss_sends_no_gradient_to_lm_logits():
     toy = Toy(seed=5)
     sequences, labels = toy.sample(16, seed=2)

@@ -112,6 +112,10 @@ class CADETConfig(SFTConfig):
             at each position (the rule of min-p sampling); the other tokens keep their probability, so the regulariser
             never raises a token the LM would not write. `0.0` reweights every token (the exact `q*`, whose samples
             drift into invented words; see docs/cadet_trainer.md).
+        cadet_demote_only (`bool`, *optional*, defaults to `False`):
+            Cap `R` at its `p_θ`-weighted mean over the plausible tokens in the target, `q ∝ p_θ · min(R, R̄)`: the
+            regulariser lowers the tokens less likely than average to keep the constraint and raises all the others
+            in proportion to `p_θ`, instead of favouring the tokens the NADO model rates safest.
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
             of the latest oracle samples, one extra forward pass per step) or `"both"`.
@@ -272,6 +276,13 @@ class CADETConfig(SFTConfig):
         metadata={
             "help": "The regulariser's target q reweights only the tokens with p >= cadet_min_p · max p at each "
             "position (min-p's rule); the other tokens keep their probability. 0 reweights every token."
+        },
+    )
+    cadet_demote_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Cap R at its mean over the plausible tokens in the target q: the regulariser lowers the tokens "
+            "less likely than average to keep the constraint and leaves the order of the others as the LM has it."
         },
     )
     regularized_positions: str = field(

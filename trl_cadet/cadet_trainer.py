@@ -789,7 +789,14 @@ class CADETTrainer(SFTTrainer):
                     nado_logits = self.nado(hidden[mask], output_embeddings=embeddings)
             # Ω is the mean over its own positions (METHOD.md), so that λ does not depend on the length of the
             # prompts around the completions; summed over accumulated micro-batches like the LM loss
-            kl = cadet_kl(logits, nado_logits, mask=omega, lm_logprobs=log_p, min_p=self.args.cadet_min_p)
+            kl = cadet_kl(
+                logits,
+                nado_logits,
+                mask=omega,
+                lm_logprobs=log_p,
+                min_p=self.args.cadet_min_p,
+                demote_only=self.args.cadet_demote_only,
+            )
             if num_items_in_batch is not None:
                 kl = kl / self.current_gradient_accumulation_steps
             if lam > 0:
@@ -900,7 +907,7 @@ class CADETTrainer(SFTTrainer):
         embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
             nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
-        return cadet_kl(logits, nado_logits, min_p=self.args.cadet_min_p)
+        return cadet_kl(logits, nado_logits, min_p=self.args.cadet_min_p, demote_only=self.args.cadet_demote_only)
 
     # Saving and resuming
 
@@ -935,6 +942,7 @@ class CADETTrainer(SFTTrainer):
             return
         oracles = ", ".join(getattr(o, "__name__", type(o).__name__) for o in self.oracle_funcs)
         repo = self.hub_model_id or self.args.output_dir
+        demote = ", lowering only those with R below their mean" if self.args.cadet_demote_only else ""
         section = f"""
 ## CADET
 
@@ -943,7 +951,7 @@ the SFT loss on the corpus plus λ · KL(q ‖ p), where q, the closest distribu
 constraint, comes from an auxiliary NADO model trained on the model's own samples labelled by the oracles.
 
 - oracles: {oracles}; λ: {self.cadet_lambda:g} (`lambda_schedule="{self.args.lambda_schedule}"`, started at
-  {self.args.cadet_lambda:g}; q reweights the tokens with p >= {self.args.cadet_min_p:g} · max p); rounds:
+  {self.args.cadet_lambda:g}; q reweights the tokens with p >= {self.args.cadet_min_p:g} · max p{demote}); rounds:
   {self.current_round + 1} of {self.args.steps_per_round} steps (`round_schedule="{self.args.round_schedule}"`); oracle
   calls: {self.oracle_calls}
 - NADO model: `{self.nado.config.head}` head, in `{NADO_DIR}/` beside the model

@@ -29,7 +29,9 @@ def guided_logits(lm_logits: torch.Tensor, nado_logits: torch.Tensor, strength: 
     return lm_logits.float() + strength * F.logsigmoid(nado_logits.float())
 
 
-def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: float = 0.0) -> torch.Tensor:
+def target_logprobs(
+    lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: float = 0.0, demote_only: bool = False
+) -> torch.Tensor:
     """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
 
     With `min_p > 0`, `q` reweights only the tokens the LM itself finds plausible, those with `p(v | ctx) >= min_p ·
@@ -37,25 +39,37 @@ def target_logprobs(lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: f
     plausible ones, so that it keeps its probability under `p` (`q(v) = p(v)`) and probability moves only between
     plausible tokens, never to a token the LM would not write.
 
+    With `demote_only=True`, `R` is capped at that mean, `q(v) ∝ p(v) min(R(ctx, v), R̄)`: the tokens less likely than
+    average to keep the constraint lose probability, which goes to all the others in proportion to `p`, so `q` never
+    reorders the tokens the NADO model finds at least as safe as the average.
+
     Args:
         lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM at each context.
         nado_logits (`torch.Tensor` of shape `[..., V]`): NADO logits `r(ctx, v)` with `R = sigmoid(r)`.
         min_p (`float`, *optional*, defaults to `0.0`): the plausibility cut-off, relative to the most likely token;
             0 reweights every token.
+        demote_only (`bool`, *optional*, defaults to `False`): cap `R` at its `p`-weighted mean over the plausible
+            tokens.
 
     Returns:
         `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
     """
-    if not min_p:
+    if not min_p and not demote_only:
         return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
     z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
-    plausible = z >= z.max(dim=-1, keepdim=True).values + math.log(min_p)
-    outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
-    log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
-    log_mean_r = torch.logsumexp(torch.where(plausible, z + log_r, outside), dim=-1, keepdim=True) - log_mass
-    return torch.log_softmax(z + torch.where(plausible, log_r, log_mean_r), dim=-1)
+    if min_p:
+        plausible = z >= z.max(dim=-1, keepdim=True).values + math.log(min_p)
+        outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
+        log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
+        log_mean_r = torch.logsumexp(torch.where(plausible, z + log_r, outside), dim=-1, keepdim=True) - log_mass
+        log_r = torch.where(plausible, log_r, log_mean_r)
+    else:
+        log_mean_r = torch.logsumexp(z + log_r, dim=-1, keepdim=True) - torch.logsumexp(z, dim=-1, keepdim=True)
+    if demote_only:
+        log_r = torch.minimum(log_r, log_mean_r)
+    return torch.log_softmax(z + log_r, dim=-1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -73,6 +87,7 @@ def cadet_kl(
     reduction: str = "mean",
     lm_logprobs: torch.Tensor | None = None,
     min_p: float = 0.0,
+    demote_only: bool = False,
 ) -> torch.Tensor:
     """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
 
@@ -91,6 +106,8 @@ def cadet_kl(
             caller already has it (the trainer computes it once for the LM loss and the regulariser).
         min_p (`float`, *optional*, defaults to `0.0`): `q` reweights only the tokens with `p >= min_p · max p` (see
             `target_logprobs`); the others keep their probability.
+        demote_only (`bool`, *optional*, defaults to `False`): `q` only lowers the tokens whose `R` is below the
+            plausible tokens' mean (see `target_logprobs`).
 
     Returns:
         `torch.Tensor`: a scalar, or the per-context KL with `reduction="none"`.
@@ -98,7 +115,7 @@ def cadet_kl(
     log_p = torch.log_softmax(lm_logits.float(), dim=-1) if lm_logprobs is None else lm_logprobs
     # q is a fixed target: built from detached inputs, so no graph is recorded for it. log_softmax(z + a) equals
     # log_softmax(log_softmax(z) + a), so log p serves as the logits.
-    log_q = target_logprobs(log_p.detach(), nado_logits.detach(), min_p=min_p)
+    log_q = target_logprobs(log_p.detach(), nado_logits.detach(), min_p=min_p, demote_only=demote_only)
     q = log_q.exp()
     # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
     per_context = (q * (log_q - log_p)).nan_to_num(nan=0.0, posinf=0.0).sum(dim=-1)
