@@ -1,13 +1,14 @@
 """What makes the regulariser work: Ω only on assistant tokens, a NADO head that starts at q = p and generalises across
 tokens, corpus completions in NADO training, and an adaptive λ that reaches its target."""
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import tiny_cadet_config
 from datasets import Dataset
-from test_cadet_trainer import BAD_WORD, corpus, no_bad_word
+from test_cadet_trainer import BAD_WORD, corpus, logged, no_bad_word
 
 from trl_cadet import CADETTrainer, NADOModel, cadet_kl, target_logprobs
 from trl_cadet.data_utils import assistant_markers, assistant_token_mask, extract_completions
@@ -120,6 +121,44 @@ def test_corpus_completions_are_labelled_once_and_counted(tokenizer, tiny_llama,
     assert 0.0 in samples.labels and 1.0 in samples.labels
     # 12 corpus completions once, then the policy's samples of the two rounds (4 prompts x 2 generations each)
     assert sum(calls) == 12 + 2 * 8 == trainer.oracle_calls
+
+
+def test_corpus_rollouts_start_right_before_the_first_violating_token_and_are_counted(tokenizer, tiny_llama, tmp_path):
+    calls = []
+
+    def oracle(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        return no_bad_word(prompts, completions)
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=oracle,
+        args=tiny_cadet_config(
+            tmp_path, nado_corpus_samples=12, nado_corpus_rollouts=True, max_steps=4, steps_per_round=2
+        ),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    corpus_samples, prefixes = trainer._corpus_samples, trainer._rollout_prefixes
+    unsatisfied = [ids for ids, label in zip(corpus_samples.completion_ids, corpus_samples.labels) if label == 0.0]
+    assert len(prefixes) == len(unsatisfied) >= 2
+    for prefix, completion, prompt in zip(prefixes.prefix_ids, unsatisfied, prefixes.prompts, strict=True):
+        # the prefix is the completion up to its first violating token, excluded
+        assert completion[: len(prefix)] == prefix
+        assert BAD_WORD not in tokenizer.decode(prefix)
+        assert BAD_WORD in tokenizer.decode(completion[: len(prefix) + 1])
+        assert prompt[-1] == {"role": "user", "content": "hello there"}
+    # Every call counted: 12 corpus completions, the bisection (a few prefixes per unsatisfied completion), then per
+    # round the policy's samples (4 prompts x 2) and one rollout per prefix
+    bisection = sum(calls) - 12 - 2 * (8 + len(prefixes))
+    assert len(prefixes) <= bisection <= 4 * len(prefixes)
+    assert sum(calls) == trainer.oracle_calls
+    assert logged(trainer, "oracle/rollouts") == [float(len(prefixes))] * 2
+    # The prefixes are part of the saved state, so a resumed run continues from the same ones
+    trainer._save_cadet_state(str(tmp_path))
+    with open(tmp_path / "cadet_state.json") as f:
+        assert json.load(f)["rollout_prefixes"] == prefixes.to_dict()
 
 
 def test_tied_head_starts_at_q_equal_p(tiny_llama):

@@ -47,8 +47,10 @@ from .nado import adaptive_lambda, cadet_kl, regularized_mask
 from .oracle_phase import (
     Labelling,
     PhaseResult,
+    RolloutPrefixes,
     Samples,
     collate_samples,
+    first_violations,
     has_sharded_weights,
     label_samples,
     output_embedding_weight,
@@ -477,6 +479,7 @@ class CADETTrainer(SFTTrainer):
         self.oracle_calls = 0
         self._latest_samples = Samples()
         self._corpus_samples: Samples | None = None  # the labelled corpus completions, once the first phase ran
+        self._rollout_prefixes: RolloutPrefixes | None = None  # where corpus-prefix rollouts start, found then too
         self._pending: Future | PhaseResult | None = None
         self._stop_phase = threading.Event()  # set when training stops early, to end a background phase promptly
         self._snapshot: PreTrainedModel | None = None
@@ -583,12 +586,58 @@ class CADETTrainer(SFTTrainer):
             timeout=self.args.oracle_timeout,
             retry_delay=self.args.oracle_retry_delay,
         )
+        calls = len(labelling.samples) + labelling.dropped
+        if self.args.nado_corpus_rollouts:
+            prefixes, bisection_calls = self._find_rollout_prefixes(labelling, rank, processes)
+            calls += bisection_calls
+            if processes > 1:
+                parts = gather_object([(prefixes, calls)])
+                self._rollout_prefixes = RolloutPrefixes()
+                for part, _ in parts:
+                    self._rollout_prefixes.extend(part)
+                calls = sum(part_calls for _, part_calls in parts)
+            else:
+                self._rollout_prefixes = prefixes
+            self._metrics["train"]["oracle/rollout_prefixes"].append(float(len(self._rollout_prefixes)))
+        elif processes > 1:
+            calls = sum(gather_object([calls]))
         labelling = self._gather(labelling)
         self._corpus_samples = labelling.samples
-        self.oracle_calls += len(labelling.samples) + labelling.dropped
+        self.oracle_calls += calls
         if len(labelling.samples):
             satisfied = sum(score >= self.args.oracle_threshold for score in labelling.samples.scores)
             self._metrics["train"]["oracle/corpus_satisfaction"].append(satisfied / len(labelling.samples))
+
+    def _find_rollout_prefixes(self, labelling: Labelling, rank: int, processes: int) -> tuple[RolloutPrefixes, int]:
+        """This process's corpus completions that the oracles judged unsatisfied, cut right before their first
+        violating token, and the oracle calls that finding it took."""
+        corpus = self._corpus_completions
+        prompts, prompt_ids = corpus.prompts[rank::processes], corpus.prompt_ids[rank::processes]
+        unsatisfied = [
+            (index, completion)
+            for index, completion, score in zip(
+                labelling.kept, labelling.samples.completion_ids, labelling.samples.scores, strict=True
+            )
+            if score < self.args.oracle_threshold
+        ]
+        lengths, calls = first_violations(
+            self.oracle_funcs,
+            [prompts[index] for index, _ in unsatisfied],
+            [completion for _, completion in unsatisfied],
+            self._tokenizer,
+            threshold=self.args.oracle_threshold,
+            oracle_weights=self.args.oracle_weights,
+            max_retries=self.args.oracle_max_retries,
+            timeout=self.args.oracle_timeout,
+            retry_delay=self.args.oracle_retry_delay,
+        )
+        prefixes = RolloutPrefixes()
+        for (index, completion), length in zip(unsatisfied, lengths, strict=True):
+            if length is not None:
+                prefixes.prompts.append(prompts[index])
+                prefixes.prompt_ids.append(prompt_ids[index])
+                prefixes.prefix_ids.append(completion[: length - 1])
+        return prefixes, calls
 
     def _oracle_phase(self, policy, round_index: int, gather) -> PhaseResult:
         prompts, prompt_ids = self._round_prompts(round_index)
@@ -606,6 +655,9 @@ class CADETTrainer(SFTTrainer):
             round_index,
             gather=gather,
             corpus_samples=self._corpus_samples,
+            rollout_prefixes=None
+            if self._rollout_prefixes is None
+            else self._rollout_prefixes.share(self.accelerator.process_index, self.accelerator.num_processes),
             # Bars for the phases that hold training up (`gather` is None only in the background, whose bars would
             # tangle with the trainer's)
             progress=gather is not None and self.accelerator.is_main_process and not self.args.disable_tqdm,
@@ -711,7 +763,11 @@ class CADETTrainer(SFTTrainer):
                 "(`oracle_max_retries`), then their samples are dropped and counted in `oracle/dropped`."
             )
         self.nado_source_round = result.round
-        self.oracle_calls += len(result.samples) + int(result.metrics.get("oracle/dropped", 0))
+        self.oracle_calls += (
+            len(result.samples)
+            + int(result.metrics.get("oracle/dropped", 0))
+            + int(result.metrics.get("oracle/rollouts", 0))
+        )
         self._latest_samples = result.samples
         if result.satisfaction is None:
             logger.warning(
@@ -1027,6 +1083,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
             "oracle_calls": self.oracle_calls,
             "latest_samples": self._latest_samples.to_dict(),
             "corpus_samples": None if self._corpus_samples is None else self._corpus_samples.to_dict(),
+            "rollout_prefixes": None if self._rollout_prefixes is None else self._rollout_prefixes.to_dict(),
             # The arguments a resumed run compares its own with, to warn about a change
             "args": {
                 name: getattr(self.args, name) for name in ("cadet_lambda", "lambda_schedule", "steps_per_round")
@@ -1098,6 +1155,8 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
         self._latest_samples = Samples(**state["latest_samples"])
         corpus = state.get("corpus_samples")
         self._corpus_samples = None if corpus is None else Samples(**corpus)
+        prefixes = state.get("rollout_prefixes")  # absent from checkpoints of older versions
+        self._rollout_prefixes = None if prefixes is None else RolloutPrefixes(**prefixes)
 
     def _reconcile_args(self, state: dict[str, Any]) -> None:
         """As in `Trainer`, the arguments of the resumed run win, except for state that must continue: warn about each

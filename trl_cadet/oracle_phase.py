@@ -51,6 +51,8 @@ class Labelling:
     failures: int = 0
     per_oracle: dict[str, list[float]] = field(default_factory=dict)  # the scores each oracle gave (None excluded)
     errors: list[str] = field(default_factory=list)
+    # Indices of the kept samples among the completions of this process's call (not offset by `merge`)
+    kept: list[int] = field(default_factory=list)
 
     def merge(self, other: "Labelling") -> None:
         self.samples.extend(other.samples)
@@ -66,6 +68,29 @@ class Labelling:
             if scores:
                 metrics[f"oracle/{name}/mean"] = sum(scores) / len(scores)
         return metrics
+
+
+@dataclass
+class RolloutPrefixes:
+    """Where the corpus-prefix rollouts start: for each corpus completion the oracles judged unsatisfied, its prompt
+    and the completion's tokens before its first violating token."""
+
+    prompts: list[Any] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    prefix_ids: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def to_dict(self) -> dict[str, list]:
+        return {k: getattr(self, k) for k in ("prompts", "prompt_ids", "prefix_ids")}
+
+    def extend(self, other: "RolloutPrefixes") -> None:
+        for key, values in other.to_dict().items():
+            getattr(self, key).extend(values)
+
+    def share(self, rank: int, processes: int) -> "RolloutPrefixes":
+        return RolloutPrefixes(**{k: v[rank::processes] for k, v in self.to_dict().items()})
 
 
 def render_prompt(prompt: Any, processing_class: PreTrainedTokenizerBase) -> str:
@@ -236,6 +261,67 @@ def sample_completions(
     return completions
 
 
+def oracle_completions(
+    prompts: list[Any], completion_ids: list[list[int]], processing_class: PreTrainedTokenizerBase
+) -> list[Any]:
+    """Completions as the oracles get them: decoded text, wrapped as an assistant message after a conversational prompt
+    (as TRL's reward functions expect)."""
+    texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+    return [
+        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+        for prompt, text in zip(prompts, texts, strict=True)
+    ]
+
+
+def first_violations(
+    oracles: list,
+    prompts: list[Any],
+    completion_ids: list[list[int]],
+    processing_class: PreTrainedTokenizerBase,
+    threshold: float,
+    oracle_weights: list[float] | None = None,
+    max_retries: int = 0,
+    timeout: float | None = None,
+    retry_delay: float = 1.0,
+) -> tuple[list[int | None], int]:
+    """For completions the oracles judged unsatisfied, the length of their shortest unsatisfied prefix, found by
+    bisection: about log2(length) oracle calls per completion, the completions' prefixes batched into one call per
+    step. It assumes a prefix that breaks the constraint is not repaired by what follows (an insult stays written).
+
+    Returns:
+        `(lengths, calls)`: for each completion, the number of its tokens up to and including the first violating one
+        (`None` where an oracle failed on a prefix), and the number of prefixes judged.
+    """
+    low = [0] * len(completion_ids)  # the empty prefix counts as satisfied
+    high = [len(ids) for ids in completion_ids]  # the whole completion is not
+    failed = [False] * len(completion_ids)
+    calls = 0
+    while active := [i for i in range(len(completion_ids)) if not failed[i] and high[i] - low[i] > 1]:
+        middles = [(low[i] + high[i]) // 2 for i in active]
+        result = call_oracles(
+            oracles,
+            [prompts[i] for i in active],
+            oracle_completions(
+                [prompts[i] for i in active],
+                [completion_ids[i][:m] for i, m in zip(active, middles, strict=True)],
+                processing_class,
+            ),
+            weights=oracle_weights,
+            max_retries=max_retries,
+            timeout=timeout,
+            retry_delay=retry_delay,
+        )
+        calls += len(active)
+        for i, middle, score in zip(active, middles, result.scores, strict=True):
+            if score is None:
+                failed[i] = True
+            elif score < threshold:
+                high[i] = middle
+            else:
+                low[i] = middle
+    return [None if bad else length for bad, length in zip(failed, high, strict=True)], calls
+
+
 def label_samples(
     oracles: list,
     prompts: list[Any],
@@ -253,13 +339,8 @@ def label_samples(
     stop=None,
 ) -> Labelling:
     """Decode, score and label completions; returns the kept samples and what the oracles reported."""
-    texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
     repeated_prompts = [p for p in prompts for _ in range(num_generations)]
-    # Conversational prompts get conversational completions, as TRL's reward functions expect
-    completions = [
-        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-        for prompt, text in zip(repeated_prompts, texts, strict=True)
-    ]
+    completions = oracle_completions(repeated_prompts, completion_ids, processing_class)
     result = call_oracles(
         oracles,
         repeated_prompts,
@@ -271,7 +352,7 @@ def label_samples(
         retry_delay=retry_delay,
         stop=stop,
     )
-    samples = Samples()
+    samples, kept = Samples(), []
     for i, score in enumerate(result.scores):
         if score is None:
             continue
@@ -279,8 +360,10 @@ def label_samples(
         samples.completion_ids.append(completion_ids[i])
         samples.scores.append(score)
         samples.labels.append(float(score >= threshold) if labels == "hard" else score)
+        kept.append(i)
     return Labelling(
         samples=samples,
+        kept=kept,
         dropped=result.num_dropped,
         failures=result.num_failures,
         per_oracle={name: [s for s in scores if s is not None] for name, scores in result.per_oracle.items()},
@@ -515,6 +598,53 @@ def train_nado(
     return {**metrics, "time/nado_features": features_time}
 
 
+def sample_rollouts(
+    policy: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase,
+    oracles: list,
+    prefixes: RolloutPrefixes,
+    args,
+    seed: int,
+    gather=None,
+    progress: bool = False,
+    stop=None,
+) -> Labelling:
+    """Corpus-prefix rollouts: the policy continues each prefix once (up to `max_completion_length` new tokens), and
+    the oracles label prefix and continuation as one completion. Where the prefix ends right before a corpus
+    completion's first violating token, the rollout labels the policy's own next token at the very context where the
+    corpus's broke the constraint. `gather` merges the processes' shares."""
+    starts = [p + q for p, q in zip(prefixes.prompt_ids, prefixes.prefix_ids, strict=True)]
+    continuations = sample_completions(
+        policy,
+        processing_class,
+        starts,
+        num_generations=1,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.generation_batch_size,
+        seed=seed,
+        progress=progress,
+        stop=stop,
+    )
+    labelling = label_samples(
+        oracles,
+        prefixes.prompts,
+        prefixes.prompt_ids,
+        [q + c for q, c in zip(prefixes.prefix_ids, continuations, strict=True)],
+        processing_class,
+        num_generations=1,
+        oracle_weights=args.oracle_weights,
+        labels=args.oracle_labels,
+        threshold=args.oracle_threshold,
+        max_retries=args.oracle_max_retries,
+        timeout=args.oracle_timeout,
+        retry_delay=args.oracle_retry_delay,
+        stop=stop,
+    )
+    return gather(labelling) if gather is not None else labelling
+
+
 @dataclass
 class PhaseResult:
     """What an oracle phase hands back to the trainer."""
@@ -538,6 +668,7 @@ def run_oracle_phase(
     round_index: int,
     gather=None,
     corpus_samples: Samples | None = None,
+    rollout_prefixes: RolloutPrefixes | None = None,
     progress: bool = False,
     stop=None,
 ) -> PhaseResult:
@@ -545,6 +676,8 @@ def run_oracle_phase(
 
     `corpus_samples`, labelled completions of the training corpus, are added to the NADO model's training data (their
     features are those of the current `policy`); the phase's metrics describe the policy's samples only.
+    `rollout_prefixes` (this process's share): the policy continues each corpus prefix once, and the labelled results
+    (prefix and continuation as one completion) are added to the NADO model's training data too.
 
     `gather`, when given, merges the `Labelling` of all processes (each process samples its share of the prompts) so
     that every process trains the NADO model on the same data and logs the phase's global metrics. `stop`, a
@@ -592,6 +725,21 @@ def run_oracle_phase(
             labelling = gather(labelling)
         samples, metrics = labelling.samples, labelling.metrics()
         labelled = time.perf_counter()
+        extra_samples = Samples()
+        if corpus_samples is not None:
+            extra_samples.extend(corpus_samples)
+        if rollout_prefixes is not None:
+            rollouts = sample_rollouts(
+                policy, processing_class, oracles, rollout_prefixes, args, seed + 1, gather, progress, stop
+            )
+            extra_samples.extend(rollouts.samples)
+            metrics["oracle/rollouts"] = float(len(rollouts.samples) + rollouts.dropped)
+            if len(rollouts.samples):
+                metrics["oracle/rollout_satisfaction"] = sum(
+                    s >= args.oracle_threshold for s in rollouts.samples.scores
+                ) / len(rollouts.samples)
+            metrics["time/rollouts"] = time.perf_counter() - labelled
+            labelled = time.perf_counter()
         satisfaction = None
         if len(samples):
             satisfaction = sum(s >= args.oracle_threshold for s in samples.scores) / len(samples)
@@ -604,7 +752,7 @@ def run_oracle_phase(
                     optimizer,
                     samples,
                     pad_token_id=processing_class.pad_token_id,
-                    extra_samples=corpus_samples,
+                    extra_samples=extra_samples,
                     epochs=args.nado_epochs,
                     batch_size=args.nado_batch_size,
                     consistency_weight=args.nado_consistency_weight,
