@@ -286,9 +286,10 @@ def test_with_min_p_q_reweights_the_plausible_tokens_only_and_leaves_the_others_
 
 
 def test_demote_only_caps_R_at_its_plausible_mean_and_keeps_the_order_of_the_others():
-    """`demote_only`: q ∝ p · min(R, R̄) by brute force (R̄ the p-weighted mean of R over the plausible tokens; the
-    implausible ones count as R̄), so q/p is one constant on every token at least as safe as the average (their order
-    under p is kept) and lower on the others."""
+    """`demote_only`: q ∝ p · min(R, R̄) among the plausible tokens by brute force (R̄ the p-weighted mean of R over
+    them), with their total mass kept and q = p on the implausible ones, so q/p is one constant on every plausible
+    token at least as safe as the average (their order under p is kept) and lower on the others. Without the cut-off,
+    the same over the whole vocabulary."""
     torch.manual_seed(1)
     lm_logits = 3 * torch.randn(4, 6, 40)
     nado_logits = 2 * torch.randn(4, 6, 40)
@@ -296,16 +297,19 @@ def test_demote_only_caps_R_at_its_plausible_mean_and_keeps_the_order_of_the_oth
     R = torch.sigmoid(nado_logits)
     for min_p in (0.0, 0.05):
         plausible = p >= min_p * p.max(-1, keepdim=True).values
-        mean = (p * R * plausible).sum(-1, keepdim=True) / (p * plausible).sum(-1, keepdim=True)
-        weight = torch.minimum(torch.where(plausible, R, mean), mean)
-        expected = p * weight / (p * weight).sum(-1, keepdim=True)
+        assert min_p == 0 or (~plausible).sum(-1).min() >= 1
+        mass = (p * plausible).sum(-1, keepdim=True)
+        mean = (p * R * plausible).sum(-1, keepdim=True) / mass
+        weighted = p * torch.minimum(R, mean) * plausible
+        expected = torch.where(plausible, weighted / weighted.sum(-1, keepdim=True) * mass, p)
         q = target_logprobs(lm_logits, nado_logits, min_p=min_p, demote_only=True).exp()
         torch.testing.assert_close(q, expected)
         ratio = q / p
-        safe = torch.where(plausible, R, mean) >= mean
+        safe = plausible & (R >= mean)
         top = ratio.masked_fill(~safe, -1).amax(-1, keepdim=True)
         torch.testing.assert_close(torch.where(safe, ratio, top), top.expand_as(ratio))
-        assert (ratio[~safe] < top.expand_as(ratio)[~safe]).all()
+        assert (ratio[plausible & ~safe] < top.expand_as(ratio)[plausible & ~safe]).all()
+        torch.testing.assert_close(q[~plausible], p[~plausible])
 
 
 def _fit_one_context(target: int, nado_logits: torch.Tensor, lam: float, **target_kwargs) -> torch.Tensor:

@@ -39,9 +39,10 @@ def target_logprobs(
     plausible ones, so that it keeps its probability under `p` (`q(v) = p(v)`) and probability moves only between
     plausible tokens, never to a token the LM would not write.
 
-    With `demote_only=True`, `R` is capped at that mean, `q(v) ∝ p(v) min(R(ctx, v), R̄)`: the tokens less likely than
-    average to keep the constraint lose probability, which goes to all the others in proportion to `p`, so `q` never
-    reorders the tokens the NADO model finds at least as safe as the average.
+    With `demote_only=True`, `R` is capped at that mean, `q(v) ∝ p(v) min(R(ctx, v), R̄)` among the plausible tokens
+    (which still keep their total mass): the tokens less likely than average to keep the constraint lose probability,
+    which goes to the other plausible tokens in proportion to `p`, so `q` never reorders the tokens the NADO model finds
+    at least as safe as the average.
 
     Args:
         lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM at each context.
@@ -59,17 +60,22 @@ def target_logprobs(
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
     z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
-    if min_p:
-        plausible = z >= z.max(dim=-1, keepdim=True).values + math.log(min_p)
-        outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
-        log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
-        log_mean_r = torch.logsumexp(torch.where(plausible, z + log_r, outside), dim=-1, keepdim=True) - log_mass
-        log_r = torch.where(plausible, log_r, log_mean_r)
-    else:
+    if not min_p:  # demote only, over the whole vocabulary
         log_mean_r = torch.logsumexp(z + log_r, dim=-1, keepdim=True) - torch.logsumexp(z, dim=-1, keepdim=True)
+        return torch.log_softmax(z + torch.minimum(log_r, log_mean_r), dim=-1)
+    plausible = z >= z.max(dim=-1, keepdim=True).values + math.log(min_p)
+    outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
+    log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
+
+    def plausible_mean(log_weight):
+        return torch.logsumexp(torch.where(plausible, z + log_weight, outside), dim=-1, keepdim=True) - log_mass
+
+    log_mean_r = plausible_mean(log_r)
     if demote_only:
         log_r = torch.minimum(log_r, log_mean_r)
-    return torch.log_softmax(z + log_r, dim=-1)
+        log_mean_r = plausible_mean(log_r)
+    # The implausible tokens get the plausible ones' mean weight: the plausible set keeps its mass, the others keep p
+    return torch.log_softmax(z + torch.where(plausible, log_r, log_mean_r), dim=-1)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
