@@ -46,9 +46,11 @@ Budgets (`--budget steps`, `--budget oracle_calls`, or `--budget both`, the defa
   default what CADET uses under the step budget, so that CADET and NADO decoding run once and appear in both tables).
   The rule, per method:
     - CADET (all three) and NADO decoding keep `--max_steps` and `steps_per_round`, hence the number of rounds R; CADET
-      first labels its `nado_corpus_samples` corpus completions (C calls; NADO decoding labels none, so C = 0 for it),
-      then each round labels (B - C) // R samples: `num_generations` is raised to ceil(((B - C) // R) / #prompts) when the
-      oracle-phase prompts are too few, and `prompts_per_round` = ((B - C) // R) // `num_generations`.
+      first labels its `nado_corpus_samples` corpus completions, bisects the U unsatisfied ones and makes U rollouts a
+      round (C calls in all, computed before the runs with the training oracle as the trainer will make them; NADO
+      decoding labels none, so C = 0 for it), then each round labels (B - C) // R samples: `num_generations` is raised
+      to ceil(((B - C) // R) / #prompts) when the oracle-phase prompts are too few, and `prompts_per_round` =
+      ((B - C) // R) // `num_generations`.
     - GRPO keeps its per-step batch b and makes B // b optimizer steps (each step scores b fresh completions).
     - DPO keeps `--max_steps`; it samples k = max(`--dpo_num_samples`, ceil(B / #prompts)) completions for each of
       B // k oracle-phase prompts (drawn with `--seed`).
@@ -295,6 +297,53 @@ def get_context(options: dict, passthrough: list[str]) -> Context:
 # Budgets
 
 
+def corpus_oracle_calls(context: Context) -> tuple[int, int]:
+    """CADET's oracle calls on its corpus completions: `(once, per_round)`, the labelling and the bisection of the
+    unsatisfied ones at the first phase, and one rollout of each unsatisfied one per round (`nado_corpus_rollouts`).
+    Computed as the trainer computes them, with the training oracle (deterministic, as the demo's are)."""
+    from trl_cadet.data_utils import extract_completions
+    from trl_cadet.oracle_phase import first_violations, label_samples
+    from trl_cadet.oracles import load_oracle
+
+    config = context.config
+    completions = extract_completions(
+        context.corpus["train"],
+        context.tokenizer,
+        config.nado_corpus_samples,
+        config.max_completion_length,
+        config.corpus_prompt_length,
+        config.dataset_text_field,
+        seed=config.seed,
+    )
+    if not config.nado_corpus_rollouts or not completions.prompts:
+        return len(completions.prompts), 0
+    oracles = [load_oracle(context.demo_args.oracle)]
+    labelling = label_samples(
+        oracles,
+        completions.prompts,
+        completions.prompt_ids,
+        completions.completion_ids,
+        context.tokenizer,
+        num_generations=1,
+        oracle_weights=None,
+        labels=config.oracle_labels,
+        threshold=config.oracle_threshold,
+        max_retries=0,
+    )
+    unsatisfied = [
+        i for i, score in zip(labelling.kept, labelling.samples.scores, strict=True) if score < config.oracle_threshold
+    ]
+    lengths, bisection_calls = first_violations(
+        oracles,
+        [completions.prompts[i] for i in unsatisfied],
+        [completions.completion_ids[i] for i in unsatisfied],
+        context.tokenizer,
+        threshold=config.oracle_threshold,
+    )
+    rollouts = sum(length is not None for length in lengths)
+    return len(completions.prompts) + bisection_calls, rollouts
+
+
 def plan_runs(
     context: Context, rows: list[str], budgets: list[str], options: dict
 ) -> tuple[list[dict], list[dict], dict]:
@@ -309,9 +358,11 @@ def plan_runs(
         "prompts_per_round": min(config.prompts_per_round, num_prompts),
         "num_generations": config.num_generations,
     }
-    # the oracle phases' samples, and the corpus completions labelled once for the NADO model
-    corpus_calls = min(config.nado_corpus_samples, num_train)
-    cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"] + corpus_calls
+    # the oracle phases' samples, and the corpus completions labelled once for the NADO model, with the bisection and
+    # the per-round rollouts of the unsatisfied ones (found here as the trainer will find them)
+    corpus_calls, rollouts_per_round = corpus_oracle_calls(context)
+    fixed_calls = corpus_calls + rounds * rollouts_per_round
+    cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"] + fixed_calls
     budget_calls = options["oracle_calls"] if options["oracle_calls"] is not None else cadet_calls
     group = options["grpo_num_generations"]
     grpo_batch = math.ceil(config.per_device_train_batch_size / group) * group
@@ -335,7 +386,7 @@ def plan_runs(
                     "num_generations": generations,
                 }
 
-            sampling = sampling_for(budget_calls - corpus_calls)  # CADET's corpus completions come first
+            sampling = sampling_for(budget_calls - fixed_calls)  # CADET's corpus calls come first
             decoding = sampling_for(budget_calls)
             filtered = {"max_steps": steps, "label_examples": min(budget_calls, num_train)}
             grpo = {

@@ -103,9 +103,9 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
     rows = ["base", "sft", "filtered_sft", "grpo", "dpo", "nado_decoding", "cadet", "cadet_parallel", "cadet_adaptive"]
     trained = {"sft", "filtered_sft", "grpo", "dpo", "cadet", "cadet_parallel", "cadet_adaptive"}
     uses_oracle = {"filtered_sft", "grpo", "dpo", "nado_decoding", "cadet", "cadet_parallel", "cadet_adaptive"}
-    # An oracle-call budget other than CADET's own 24 (8 corpus completions, then 2 rounds x 4 prompts x 2 samples),
-    # so that every method but CADET has to resize its sampling; 24 divides evenly under every rule, so each method
-    # gets exactly 24 calls
+    # An oracle-call budget other than CADET's own (8 corpus completions with their bisection and rollouts, then 2
+    # rounds x 4 prompts x 2 samples), so that every method has to resize its sampling; 24 divides evenly under the
+    # other methods' rules, so each of them gets exactly 24 calls
     budget = 24
     # `--model tiny` defaults: 4 steps, 8 oracle-phase and 8 evaluation prompts, 2 generations, 16 new tokens
     result = run_benchmark(
@@ -148,8 +148,17 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
         if budget_name == "steps" and name in trained:
             assert row["lm_steps"] == 4, (name, row["lm_steps"])
         if budget_name == "oracle_calls" and name in uses_oracle:
-            assert row["oracle_calls"] == budget, (name, row["oracle_calls"])
-    assert found[("steps", "cadet")]["oracle_calls"] == 16 + 8  # and its 8 corpus completions (`TINY_DEFAULTS`)
+            if name.startswith("cadet"):
+                # CADET's corpus calls (bisection and rollouts) are data-dependent, so its per-round share may not
+                # divide evenly: it gets the largest count below the budget (at most a sample per round and prompt
+                # lost to rounding)
+                assert budget - 4 < row["oracle_calls"] <= budget, (name, row["oracle_calls"])
+            else:
+                assert row["oracle_calls"] == budget, (name, row["oracle_calls"])
+    # 16 samples of the policy, 8 corpus completions (`TINY_DEFAULTS`), the bisection of the unsatisfied ones and one
+    # rollout of each per round: what the planner computed before the run, exactly
+    steps_calls = found[("steps", "cadet")]["oracle_calls"]
+    assert steps_calls == report["settings"]["cadet_oracle_calls_under_step_budget"] > 16 + 8
     for budget_name in ("steps", "oracle_calls"):  # the wrapper counts what CADETTrainer counts
         cadet = found[(budget_name, "cadet")]
         assert cadet["info"]["cadet_oracle_calls"] == cadet["oracle_calls"]

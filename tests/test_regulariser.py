@@ -109,7 +109,10 @@ def test_corpus_completions_are_labelled_once_and_counted(tokenizer, tiny_llama,
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=oracle,
-        args=tiny_cadet_config(tmp_path, nado_corpus_samples=12, max_steps=4, steps_per_round=2),
+        # without rollouts, whose calls the next test counts
+        args=tiny_cadet_config(
+            tmp_path, nado_corpus_samples=12, nado_corpus_rollouts=False, max_steps=4, steps_per_round=2
+        ),
         train_dataset=corpus(),
         processing_class=tokenizer,
     )
