@@ -158,6 +158,10 @@ def test_corpus_rollouts_start_right_before_the_first_violating_token_and_are_co
     assert len(prefixes) <= bisection <= 4 * len(prefixes)
     assert sum(calls) == trainer.oracle_calls
     assert logged(trainer, "oracle/rollouts") == [float(len(prefixes))] * 2
+    # The phase's clock: its parts, the rollouts their own, add up to the whole
+    parts = ("time/generation", "time/labelling", "time/rollouts", "time/nado_training")
+    for phase, *times in zip(logged(trainer, "time/oracle_phase"), *(logged(trainer, key) for key in parts)):
+        assert sum(times) <= phase < sum(times) + 0.01
     # The prefixes are part of the saved state, so a resumed run continues from the same ones
     trainer._save_cadet_state(str(tmp_path))
     with open(tmp_path / "cadet_state.json") as f:

@@ -739,7 +739,7 @@ def run_oracle_phase(
                     s >= args.oracle_threshold for s in rollouts.samples.scores
                 ) / len(rollouts.samples)
             metrics["time/rollouts"] = time.perf_counter() - labelled
-            labelled = time.perf_counter()
+        nado_started = time.perf_counter()
         satisfaction = None
         if len(samples):
             satisfaction = sum(s >= args.oracle_threshold for s in samples.scores) / len(samples)
@@ -772,7 +772,7 @@ def run_oracle_phase(
             "oracle/samples_per_second": num_completions / max(labelled - start, 1e-9),
             "time/generation": generated - start,
             "time/labelling": labelled - generated,
-            "time/nado_training": end - labelled,
+            "time/nado_training": end - nado_started,
             "time/oracle_phase": end - start,
         }
     )
