@@ -120,6 +120,8 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
         "1",
         "--output_dir",
         str(tmp_path),
+        "--nado_corpus_rollouts",  # so that CADET's corpus calls must be planned as the trainer makes them
+        "true",
         timeout=600,
     )
 

@@ -74,7 +74,7 @@ class CADETConfig(SFTConfig):
             Completions of the training corpus labelled once by the oracles (at the first oracle phase, counted in
             `oracle/calls`) and added to the NADO model's training data in every round, beside the round's samples
             of the policy. `0` trains the NADO model on the policy's samples only.
-        nado_corpus_rollouts (`bool`, *optional*, defaults to `True`):
+        nado_corpus_rollouts (`bool`, *optional*, defaults to `False`):
             Corpus-prefix rollouts. Once, the first violating token of each unsatisfied corpus completion is found by
             bisecting its prefixes with the oracles (about log2 of its length in calls); then every oracle phase the
             policy continues each completion from just before that token, and the labelled rollouts join the NADO
@@ -225,7 +225,7 @@ class CADETConfig(SFTConfig):
         metadata={"help": "Corpus completions labelled once by the oracles and added to NADO training each round."},
     )
     nado_corpus_rollouts: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Each oracle phase, continue every unsatisfied corpus completion with the policy from just before "
             "its first violating token (found once by bisecting its prefixes), and train the NADO model on the labelled "
