@@ -13,7 +13,7 @@ from test_cadet_trainer import BAD_WORD, corpus, logged, no_bad_word
 from trl_cadet import CADETTrainer, NADOModel, cadet_kl, target_logprobs
 from trl_cadet.data_utils import assistant_markers, assistant_token_mask, extract_completions
 from trl_cadet.nado import adaptive_lambda, regularized_mask
-from trl_cadet.oracle_phase import Samples, train_nado
+from trl_cadet.oracle_phase import RolloutPrefixes, Samples, train_nado
 
 
 def conversations(n: int = 24) -> Dataset:
@@ -166,6 +166,18 @@ def test_corpus_rollouts_start_right_before_the_first_violating_token_and_are_co
     trainer._save_cadet_state(str(tmp_path))
     with open(tmp_path / "cadet_state.json") as f:
         assert json.load(f)["rollout_prefixes"] == prefixes.to_dict()
+
+
+def test_rollout_prefixes_are_shared_evenly_across_processes():
+    """Each process gets as many prefixes (a sharded model's forward passes are collective), every prefix is someone's."""
+    prefixes = RolloutPrefixes(prompts=list("abcde"), prompt_ids=[[0]] * 5, prefix_ids=[[i] for i in range(5)])
+    for processes in (1, 2, 3):
+        shares = [prefixes.share(rank, processes) for rank in range(processes)]
+        assert len({len(share) for share in shares}) == 1
+        assert {i for share in shares for (i,) in share.prefix_ids} == set(range(5))
+        assert all(len(share.prompts) == len(share.prompt_ids) == len(share) for share in shares)
+    assert prefixes.share(0, 1).to_dict() == prefixes.to_dict()
+    assert len(RolloutPrefixes().share(1, 2)) == 0
 
 
 def test_tied_head_starts_at_q_equal_p(tiny_llama):

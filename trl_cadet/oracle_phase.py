@@ -90,7 +90,10 @@ class RolloutPrefixes:
             getattr(self, key).extend(values)
 
     def share(self, rank: int, processes: int) -> "RolloutPrefixes":
-        return RolloutPrefixes(**{k: v[rank::processes] for k, v in self.to_dict().items()})
+        """This process's share. Every process gets as many (the first few taken twice when they do not divide
+        evenly), since the forward passes of a sharded model are collective."""
+        padding = -len(self) % processes if len(self) else 0
+        return RolloutPrefixes(**{k: (v + v[:padding])[rank::processes] for k, v in self.to_dict().items()})
 
 
 def render_prompt(prompt: Any, processing_class: PreTrainedTokenizerBase) -> str:
