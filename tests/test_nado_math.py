@@ -312,6 +312,41 @@ def test_demote_only_caps_R_at_its_plausible_mean_and_keeps_the_order_of_the_oth
         torch.testing.assert_close(q[~plausible], p[~plausible])
 
 
+def test_safe_ratio_caps_R_at_a_share_of_the_safest_plausible_tokens():
+    """`safe_ratio`: q ∝ p · min(R, γ · max R) among the plausible tokens by brute force (the maximum over them), with
+    their total mass kept and q = p on the implausible ones, so q/p is one constant on every plausible token within
+    γ of the safest one and lower on the others; with and without the cut-off, alone and with `demote_only` (both
+    caps). γ = 1 is the plain target."""
+    torch.manual_seed(2)
+    lm_logits = 3 * torch.randn(4, 6, 40)
+    nado_logits = 2 * torch.randn(4, 6, 40)
+    p = torch.softmax(lm_logits, -1)
+    R = torch.sigmoid(nado_logits)
+    ratio_cap = 0.7
+    for min_p, demote_only in itertools.product((0.0, 0.05), (False, True)):
+        plausible = p >= min_p * p.max(-1, keepdim=True).values
+        mass = (p * plausible).sum(-1, keepdim=True)
+        capped = torch.minimum(R, ratio_cap * R.masked_fill(~plausible, 0).amax(-1, keepdim=True))
+        if demote_only:
+            capped = torch.minimum(capped, (p * capped * plausible).sum(-1, keepdim=True) / mass)
+        weighted = p * capped * plausible
+        expected = torch.where(plausible, weighted / weighted.sum(-1, keepdim=True) * mass, p)
+        q = target_logprobs(lm_logits, nado_logits, min_p=min_p, demote_only=demote_only, safe_ratio=ratio_cap).exp()
+        torch.testing.assert_close(q, expected)
+        if not demote_only:
+            ratio = q / p
+            safe = plausible & (R >= ratio_cap * R.masked_fill(~plausible, 0).amax(-1, keepdim=True))
+            top = ratio.masked_fill(~safe, -1).amax(-1, keepdim=True)
+            torch.testing.assert_close(torch.where(safe, ratio, top), top.expand_as(ratio))
+            assert (ratio[plausible & ~safe] < top.expand_as(ratio)[plausible & ~safe]).all()
+    torch.testing.assert_close(
+        target_logprobs(lm_logits, nado_logits, min_p=0.05, safe_ratio=1.0),
+        target_logprobs(lm_logits, nado_logits, min_p=0.05),
+    )
+    with pytest.raises(ValueError, match="safe_ratio"):
+        target_logprobs(lm_logits, nado_logits, safe_ratio=0.0)
+
+
 def _fit_one_context(target: int, nado_logits: torch.Tensor, lam: float, **target_kwargs) -> torch.Tensor:
     """p after fitting one context's logits to the corpus token `target` (cross-entropy) plus λ · Ω, by gradient
     descent from the uniform distribution: the fixed point that fine-tuning tends to on a position seen often."""
@@ -424,3 +459,17 @@ def test_cadet_kl_with_precomputed_logprobs_matches():
     (grad_shared,) = torch.autograd.grad(shared, lm_logits)
     torch.testing.assert_close(shared, direct)
     torch.testing.assert_close(grad_shared, grad_direct)
+
+
+def test_safe_ratio_lets_lambda_grow_without_giving_a_benign_corpus_token_away():
+    """Why `safe_ratio` exists. With full reweighting the corpus token is given away wherever a plausible token looks
+    (1 + λ) / λ times safer, a margin that shrinks as λ grows: at λ = 16 a benign corpus token that the NADO model
+    rates 19% less safe than another keeps a third of its probability. Capping R at 0.8 of the safest plausible token's
+    keeps it whatever λ, while the floor on an insult's probability, 1 / (1 + λ) (the LM loss pulls it up with weight 1,
+    the regulariser down with weight λ), falls as λ grows."""
+    benign = torch.logit(torch.tensor([0.80, 0.95, 0.60, 0.70, 0.75]))  # token 1 looks 19% safer than token 0
+    insult = torch.logit(torch.tensor([0.05, 0.90, 0.85, 0.80, 0.90]))  # the corpus token 0 breaks the constraint
+    assert _fit_one_context(0, benign, 16.0, min_p=0.1)[0] < 0.5
+    for lam in (8.0, 32.0):
+        assert _fit_one_context(0, benign, lam, min_p=0.1, safe_ratio=0.8)[0] > 0.99
+        assert _fit_one_context(0, insult, lam, min_p=0.1, safe_ratio=0.8)[0] < 1.2 / (1 + lam)

@@ -122,6 +122,12 @@ class CADETConfig(SFTConfig):
             Cap `R` at its `p_θ`-weighted mean over the plausible tokens in the target, `q ∝ p_θ · min(R, R̄)`: the
             regulariser lowers the tokens less likely than average to keep the constraint and raises all the others
             in proportion to `p_θ`, instead of favouring the tokens the NADO model rates safest.
+        cadet_safe_ratio (`float`, *optional*, defaults to `1.0`):
+            Cap `R` at `cadet_safe_ratio` times the largest `R` among the plausible tokens in the target, `q ∝ p_θ ·
+            min(R, cadet_safe_ratio · max R)`: the tokens within that factor of the safest one count as equally safe
+            and keep their order under `p_θ`, so that the NADO model's small errors between benign tokens do not move
+            the LM, while a token far less safe than a plausible alternative is still lowered, however much of `p_θ`
+            it holds. `1.0` caps nothing.
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
             of the latest oracle samples, one extra forward pass per step) or `"both"`.
@@ -299,6 +305,13 @@ class CADETConfig(SFTConfig):
             "less likely than average to keep the constraint and leaves the order of the others as the LM has it."
         },
     )
+    cadet_safe_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Cap R at this share of the largest R among the plausible tokens in the target q: tokens within "
+            "that factor of the safest one count as equally safe; only those below it are lowered. 1 caps nothing."
+        },
+    )
     regularized_positions: str = field(
         default="corpus",
         metadata={
@@ -373,6 +386,11 @@ class CADETConfig(SFTConfig):
         if not 0.0 <= self.cadet_min_p < 1.0:
             raise ValueError(
                 f"`cadet_min_p` must be in [0, 1), got {self.cadet_min_p}; 0 lets the regulariser reweight every token."
+            )
+        if not 0.0 < self.cadet_safe_ratio <= 1.0:
+            raise ValueError(
+                f"`cadet_safe_ratio` must be in (0, 1], got {self.cadet_safe_ratio}; 1 leaves the NADO model's R "
+                "uncapped, 0.8 counts every plausible token within 20% of the safest one's R as equally safe."
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")

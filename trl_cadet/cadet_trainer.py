@@ -852,6 +852,7 @@ class CADETTrainer(SFTTrainer):
                 lm_logprobs=log_p,
                 min_p=self.args.cadet_min_p,
                 demote_only=self.args.cadet_demote_only,
+                safe_ratio=self.args.cadet_safe_ratio,
             )
             if num_items_in_batch is not None:
                 kl = kl / self.current_gradient_accumulation_steps
@@ -963,7 +964,13 @@ class CADETTrainer(SFTTrainer):
         embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
             nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
-        return cadet_kl(logits, nado_logits, min_p=self.args.cadet_min_p, demote_only=self.args.cadet_demote_only)
+        return cadet_kl(
+            logits,
+            nado_logits,
+            min_p=self.args.cadet_min_p,
+            demote_only=self.args.cadet_demote_only,
+            safe_ratio=self.args.cadet_safe_ratio,
+        )
 
     # Saving and resuming
 
@@ -999,6 +1006,8 @@ class CADETTrainer(SFTTrainer):
         oracles = ", ".join(getattr(o, "__name__", type(o).__name__) for o in self.oracle_funcs)
         repo = self.hub_model_id or self.args.output_dir
         demote = ", lowering only those with R below their mean" if self.args.cadet_demote_only else ""
+        if self.args.cadet_safe_ratio < 1:
+            demote += f", R capped at {self.args.cadet_safe_ratio:g} · the safest one's"
         section = f"""
 ## CADET
 

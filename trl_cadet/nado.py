@@ -30,7 +30,11 @@ def guided_logits(lm_logits: torch.Tensor, nado_logits: torch.Tensor, strength: 
 
 
 def target_logprobs(
-    lm_logits: torch.Tensor, nado_logits: torch.Tensor, min_p: float = 0.0, demote_only: bool = False
+    lm_logits: torch.Tensor,
+    nado_logits: torch.Tensor,
+    min_p: float = 0.0,
+    demote_only: bool = False,
+    safe_ratio: float = 1.0,
 ) -> torch.Tensor:
     """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
 
@@ -44,6 +48,11 @@ def target_logprobs(
     which goes to the other plausible tokens in proportion to `p`, so `q` never reorders the tokens the NADO model finds
     at least as safe as the average.
 
+    With `safe_ratio < 1`, `R` is capped at `safe_ratio` times the largest `R` among the plausible tokens: the tokens
+    within that factor of the safest one count as equally safe, so that `q` never reorders them, and only the tokens
+    below it are lowered. Unlike the mean of `demote_only`, this reference does not follow `p`: a token the LM has
+    learned to write (most of `p`'s mass) is still lowered when a plausible alternative is much safer.
+
     Args:
         lm_logits (`torch.Tensor` of shape `[..., V]`): logits of the LM at each context.
         nado_logits (`torch.Tensor` of shape `[..., V]`): NADO logits `r(ctx, v)` with `R = sigmoid(r)`.
@@ -51,25 +60,33 @@ def target_logprobs(
             0 reweights every token.
         demote_only (`bool`, *optional*, defaults to `False`): cap `R` at its `p`-weighted mean over the plausible
             tokens.
+        safe_ratio (`float`, *optional*, defaults to `1.0`): cap `R` at this share of the largest `R` over the
+            plausible tokens; 1 leaves `R` as it is.
 
     Returns:
         `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
     """
-    if not min_p and not demote_only:
+    if not 0 < safe_ratio <= 1:
+        raise ValueError(f"`safe_ratio` must be in (0, 1], got {safe_ratio}.")
+    if not min_p and not demote_only and safe_ratio == 1:
         return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
     z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
-    if not min_p:  # demote only, over the whole vocabulary
+    if not min_p and safe_ratio == 1:  # demote only, over the whole vocabulary
         log_mean_r = torch.logsumexp(z + log_r, dim=-1, keepdim=True) - torch.logsumexp(z, dim=-1, keepdim=True)
         return torch.log_softmax(z + torch.minimum(log_r, log_mean_r), dim=-1)
-    plausible = z >= z.max(dim=-1, keepdim=True).values + math.log(min_p)
+    cut_off = math.log(min_p) if min_p else -math.inf
+    plausible = z >= z.max(dim=-1, keepdim=True).values + cut_off
     outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
     log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
 
     def plausible_mean(log_weight):
         return torch.logsumexp(torch.where(plausible, z + log_weight, outside), dim=-1, keepdim=True) - log_mass
 
+    if safe_ratio < 1:
+        safest = torch.where(plausible, log_r, outside).amax(dim=-1, keepdim=True)
+        log_r = torch.minimum(log_r, safest + math.log(safe_ratio))
     log_mean_r = plausible_mean(log_r)
     if demote_only:
         log_r = torch.minimum(log_r, log_mean_r)
@@ -94,6 +111,7 @@ def cadet_kl(
     lm_logprobs: torch.Tensor | None = None,
     min_p: float = 0.0,
     demote_only: bool = False,
+    safe_ratio: float = 1.0,
 ) -> torch.Tensor:
     """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
 
@@ -114,6 +132,8 @@ def cadet_kl(
             `target_logprobs`); the others keep their probability.
         demote_only (`bool`, *optional*, defaults to `False`): `q` only lowers the tokens whose `R` is below the
             plausible tokens' mean (see `target_logprobs`).
+        safe_ratio (`float`, *optional*, defaults to `1.0`): the plausible tokens whose `R` is within this factor of
+            the safest one's count as equally safe (see `target_logprobs`).
 
     Returns:
         `torch.Tensor`: a scalar, or the per-context KL with `reduction="none"`.
@@ -121,7 +141,9 @@ def cadet_kl(
     log_p = torch.log_softmax(lm_logits.float(), dim=-1) if lm_logprobs is None else lm_logprobs
     # q is a fixed target: built from detached inputs, so no graph is recorded for it. log_softmax(z + a) equals
     # log_softmax(log_softmax(z) + a), so log p serves as the logits.
-    log_q = target_logprobs(log_p.detach(), nado_logits.detach(), min_p=min_p, demote_only=demote_only)
+    log_q = target_logprobs(
+        log_p.detach(), nado_logits.detach(), min_p=min_p, demote_only=demote_only, safe_ratio=safe_ratio
+    )
     q = log_q.exp()
     # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
     per_context = (q * (log_q - log_p)).nan_to_num(nan=0.0, posinf=0.0).sum(dim=-1)
