@@ -47,14 +47,9 @@ def test_assistant_mask_covers_the_replies_and_their_end_tokens_only(tokenizer):
     assert kept == "you are an idiot<|end|>stories about ships<|end|>"
 
 
-def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, tmp_path):
-    trainer = CADETTrainer(
-        model=tiny_llama,
-        oracle_funcs=no_bad_word,
-        args=tiny_cadet_config(tmp_path, cadet_lambda=1.0),
-        train_dataset=conversations(),
-        processing_class=tokenizer,
-    )
+def _omega_batch(trainer: CADETTrainer):
+    """Ω as the trainer logs it for one batch (with a NADO model whose R depends on the token), the LM and NADO logits
+    behind it, and the batch's trained and assistant positions, to recompute it with `cadet_kl`."""
     with torch.no_grad():  # a NADO model whose R depends on the token, so that the KL is not zero
         for param in trainer.nado.parameters():
             param.add_(0.5 * torch.randn_like(param))
@@ -68,15 +63,48 @@ def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, t
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
         nado_logits = trainer.nado(outputs.hidden_states[-1], output_embeddings=trainer.model.lm_head.weight)
-    per_context = cadet_kl(outputs.logits, nado_logits, reduction="none")  # [B, L]
     trained = regularized_mask(batch["labels"])
     assistant = torch.zeros_like(trained)
     assistant[:, :-1] = assistant_token_mask(batch["input_ids"], trainer._assistant_markers)[:, 1:]
+    return trainer._metrics["train"]["cadet/kl"][-1], outputs.logits, nado_logits, trained, assistant
+
+
+def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, tmp_path):
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, cadet_lambda=1.0),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    logged, lm_logits, nado_logits, trained, assistant = _omega_batch(trainer)
+    per_context = cadet_kl(lm_logits, nado_logits, reduction="none")  # [B, L]
     assert (trained & ~assistant).sum() > 2 * (trained & assistant).sum()  # most trained tokens are not replies
     expected = per_context[trained & assistant].mean()
-    logged = trainer._metrics["train"]["cadet/kl"][-1]
     assert logged == pytest.approx(expected.item(), rel=1e-4)
     assert per_context[trained & ~assistant].mean().item() != pytest.approx(logged, rel=1e-2)
+
+
+def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
+    """`cadet_min_p`, `cadet_demote_only` and `cadet_safe_ratio` reach the regulariser: the logged Ω is the KL to the
+    capped target, not to the plain one."""
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, cadet_min_p=0.5, cadet_demote_only=True, cadet_safe_ratio=0.6),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    logged, lm_logits, nado_logits, trained, assistant = _omega_batch(trainer)
+    positions = trained & assistant
+
+    def omega(**options):
+        return cadet_kl(lm_logits, nado_logits, reduction="none", **options)[positions].mean().item()
+
+    configured = dict(min_p=0.5, demote_only=True, safe_ratio=0.6)
+    assert logged == pytest.approx(omega(**configured), rel=1e-4)
+    for option, plain in dict(min_p=0.0, demote_only=False, safe_ratio=1.0).items():
+        assert logged != pytest.approx(omega(**{**configured, option: plain}), rel=1e-2), option
 
 
 def test_omega_covers_every_trained_token_of_a_text_corpus(tokenizer, tiny_llama, tmp_path):
