@@ -116,7 +116,7 @@ DEMO_DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
-    "cadet_lambda": 8.0,
+    "cadet_lambda": 16.0,
     "steps_per_round": 10,
     "prompts_per_round": 32,
     "num_generations": 4,

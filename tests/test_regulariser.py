@@ -78,7 +78,8 @@ def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, t
         processing_class=tokenizer,
     )
     logged, lm_logits, nado_logits, trained, assistant = _omega_batch(trainer)
-    per_context = cadet_kl(lm_logits, nado_logits, reduction="none")  # [B, L]
+    target = dict(min_p=trainer.args.cadet_min_p, demote_only=trainer.args.cadet_demote_only)
+    per_context = cadet_kl(lm_logits, nado_logits, reduction="none", **target)  # [B, L]
     assert (trained & ~assistant).sum() > 2 * (trained & assistant).sum()  # most trained tokens are not replies
     expected = per_context[trained & assistant].mean()
     assert logged == pytest.approx(expected.item(), rel=1e-4)

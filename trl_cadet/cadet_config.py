@@ -118,10 +118,12 @@ class CADETConfig(SFTConfig):
             at each position (the rule of min-p sampling); the other tokens keep their probability, so the regulariser
             never raises a token the LM would not write. `0.0` reweights every token (the exact `q*`, whose samples
             drift into invented words; see docs/cadet_trainer.md).
-        cadet_demote_only (`bool`, *optional*, defaults to `False`):
+        cadet_demote_only (`bool`, *optional*, defaults to `True`):
             Cap `R` at its `p_θ`-weighted mean over the plausible tokens in the target, `q ∝ p_θ · min(R, R̄)`: the
             regulariser lowers the tokens less likely than average to keep the constraint and raises all the others
-            in proportion to `p_θ`, instead of favouring the tokens the NADO model rates safest.
+            in proportion to `p_θ`, instead of favouring the tokens the NADO model rates safest. `False` gives the
+            paper's `q ∝ p_θ · R`, whose samples lost their fluency in the demo's third round (see
+            docs/cadet_trainer.md).
         cadet_safe_ratio (`float`, *optional*, defaults to `1.0`):
             Cap `R` at `cadet_safe_ratio` times the largest `R` among the plausible tokens in the target, `q ∝ p_θ ·
             min(R, cadet_safe_ratio · max R)`: the tokens within that factor of the safest one count as equally safe
@@ -299,7 +301,7 @@ class CADETConfig(SFTConfig):
         },
     )
     cadet_demote_only: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Cap R at its mean over the plausible tokens in the target q: the regulariser lowers the tokens "
             "less likely than average to keep the constraint and leaves the order of the others as the LM has it."
