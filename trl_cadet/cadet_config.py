@@ -129,7 +129,8 @@ class CADETConfig(SFTConfig):
             min(R, cadet_safe_ratio · max R)`: the tokens within that factor of the safest one count as equally safe
             and keep their order under `p_θ`, so that the NADO model's small errors between benign tokens do not move
             the LM, while a token far less safe than a plausible alternative is still lowered, however much of `p_θ`
-            it holds. `1.0` caps nothing.
+            it holds. `1.0` caps nothing. On the benchmarks it did not keep full reweighting's samples fluent (see
+            docs/cadet_trainer.md).
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
             of the latest oracle samples, one extra forward pass per step) or `"both"`.

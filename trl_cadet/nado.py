@@ -73,10 +73,7 @@ def target_logprobs(
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
     z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
-    if not min_p and safe_ratio == 1:  # demote only, over the whole vocabulary
-        log_mean_r = torch.logsumexp(z + log_r, dim=-1, keepdim=True) - torch.logsumexp(z, dim=-1, keepdim=True)
-        return torch.log_softmax(z + torch.minimum(log_r, log_mean_r), dim=-1)
-    cut_off = math.log(min_p) if min_p else -math.inf
+    cut_off = math.log(min_p) if min_p else -math.inf  # without a cut-off every token is plausible
     plausible = z >= z.max(dim=-1, keepdim=True).values + cut_off
     outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
     log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
