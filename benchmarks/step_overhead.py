@@ -62,7 +62,9 @@ def lora_config():
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=modules, task_type="CAUSAL_LM")
 
 
-def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str, lora: bool = False):
+def make_trainer(
+    kind: str, model, tokenizer, batch_size: int, output_dir: str, lora: bool = False, positions: str = "corpus"
+):
     from trl import SFTConfig, SFTTrainer
 
     from trl_cadet import CADETConfig, CADETTrainer
@@ -87,18 +89,34 @@ def make_trainer(kind: str, model, tokenizer, batch_size: int, output_dir: str, 
     trainer = CADETTrainer(
         model=model,
         oracle_funcs=lambda prompts, completions, **kw: [1.0] * len(completions),
-        args=CADETConfig(**common, cadet_lambda=1.0, steps_per_round=10**9),
+        args=CADETConfig(**common, cadet_lambda=1.0, steps_per_round=10**9, regularized_positions=positions),
         train_dataset=corpus(),
         processing_class=tokenizer,
         **peft,
     )
     import torch
 
+    if positions != "corpus":
+        trainer._latest_samples = oracle_samples(tokenizer)
+
     with torch.no_grad():
         for param in trainer.nado.parameters():  # a trained-looking NADO, so the KL is not trivially zero
             param.add_(0.02 * torch.randn_like(param))
     trainer.current_round, trainer.nado_source_round = 0, 0  # no oracle phase inside the timed steps
     return trainer
+
+
+def oracle_samples(tokenizer, n: int = 128, completion_length: int = 32):
+    """`n` samples shaped like an oracle phase's (the demo's 32 prompts x 4 completions of up to 32 tokens), for Ω on
+    samples (`regularized_positions` "samples" or "both"): chat prompts of the corpus with generation prompt, and
+    replies cut to `completion_length` tokens."""
+    from trl_cadet.oracle_phase import Samples, tokenize_prompts
+
+    rows = corpus(n)
+    prompt_ids = tokenize_prompts([row["messages"][:1] for row in rows], tokenizer)
+    replies = [row["messages"][1]["content"] for row in rows]
+    completion_ids = [ids[:completion_length] for ids in tokenizer(replies, add_special_tokens=False)["input_ids"]]
+    return Samples(prompt_ids=prompt_ids, completion_ids=completion_ids, scores=[1.0] * n, labels=[1.0] * n)
 
 
 def _cuda() -> bool:
@@ -138,7 +156,14 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     from trl_cadet.nado import cadet_kl
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    parts = {"forward": [], "nado_head": [], "kl": [], "backward": []}
+    parts = {"forward": [], "nado_head": [], "kl": [], "samples_omega": [], "backward": []}
+    target = dict(
+        min_p=trainer.args.cadet_min_p,
+        demote_only=trainer.args.cadet_demote_only,
+        safe_ratio=trainer.args.cadet_safe_ratio,
+    )
+    corpus_omega = trainer.args.regularized_positions in ("corpus", "both")
+    samples = trainer.args.regularized_positions in ("samples", "both")
     model = trainer.model
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -152,23 +177,28 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
             embeddings = model.get_output_embeddings().weight
             nado_logits = trainer.nado(hidden_states[-1].detach()[mask], output_embeddings=embeddings)
         t2 = time.perf_counter()
-        kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p, min_p=trainer.args.cadet_min_p)
+        kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p, **target) if corpus_omega else torch.zeros(())
         t3 = time.perf_counter()
-        (lm_loss + kl).backward()
-        model.zero_grad()
+        # Ω on a mini-batch of oracle samples: the trainer's own extra forward pass, NADO head and KL
+        sample_kl = trainer._samples_kl(model) if samples else torch.zeros(())
         t4 = time.perf_counter()
-        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        (lm_loss + kl + sample_kl).backward()
+        model.zero_grad()
+        t5 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             parts[key].append(value)
     return {key: statistics.median(values[1:]) for key, values in parts.items()}
 
 
-def peak_memory(model_name: str, kind: str, batch_size: int, steps: int, lora: bool = False) -> float:
+def peak_memory(
+    model_name: str, kind: str, batch_size: int, steps: int, lora: bool = False, positions: str = "corpus"
+) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
         "import resource, sys, tempfile; sys.argv = ['x']; "
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
-        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}); "
+        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -184,6 +214,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory subprocesses.")
     parser.add_argument("--lora", action="store_true", help="Train the demo's LoRA adapters instead of every weight.")
+    parser.add_argument(
+        "--regularized_positions",
+        default="corpus",
+        choices=["corpus", "samples", "both"],
+        help="Where the CADET arm's regulariser applies; with 'samples' or 'both', Ω also runs on a mini-batch of "
+        "128 oracle-phase-shaped samples each step (one extra forward pass).",
+    )
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
 
@@ -194,20 +231,26 @@ def main(argv=None):
     results = []
     for model_name in args.models.split(","):
         row = {"model": model_name, "batch_size": args.batch_size, "steps": args.steps, "lora": args.lora}
+        row["regularized_positions"] = args.regularized_positions
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
-                trainer = make_trainer(kind, model, tokenizer, args.batch_size, tmp, args.lora)
+                trainer = make_trainer(
+                    kind, model, tokenizer, args.batch_size, tmp, args.lora, args.regularized_positions
+                )
                 row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
                 if kind == "cadet":
                     row["cadet_parts_s"] = breakdown(trainer, max(3, args.steps // 2))
             if not args.no_memory:
-                row[f"{kind}_peak_mib"] = peak_memory(model_name, kind, args.batch_size, 2, args.lora)
+                row[f"{kind}_peak_mib"] = peak_memory(
+                    model_name, kind, args.batch_size, 2, args.lora, args.regularized_positions
+                )
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
 
     device = torch.cuda.get_device_name(0) if _cuda() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nStep time, CADET (λ=1, regulariser on) vs SFT, same batch ({device})\n")
+    where = args.regularized_positions
+    print(f"\nStep time, CADET (λ=1, regulariser on {where} positions) vs SFT, same batch ({device})\n")
     header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
     lines = [header]
     for r in results:

@@ -32,14 +32,15 @@ def assert_finite(values: dict, keys) -> None:
 
 def test_step_overhead(tmp_path):
     out = tmp_path / "step_overhead.json"
-    run_benchmark(
-        "step_overhead.py", "--models", "tiny", "--steps", "2", "--no_memory", "--threads", "1", "--json", str(out)
-    )
+    # Ω on the corpus and on oracle samples: every part of the step is timed
+    options = ["--models", "tiny", "--steps", "2", "--no_memory", "--threads", "1", "--regularized_positions", "both"]
+    run_benchmark("step_overhead.py", *options, "--json", str(out))
     (row,) = json.loads(out.read_text())["results"]
-    assert row["model"] == "tiny"
+    assert row["model"] == "tiny" and row["regularized_positions"] == "both"
     assert_finite(row, ["sft_step_s", "cadet_step_s", "step_ratio"])
-    assert set(row["cadet_parts_s"]) == {"forward", "nado_head", "kl", "backward"}
+    assert set(row["cadet_parts_s"]) == {"forward", "nado_head", "kl", "samples_omega", "backward"}
     assert_finite(row["cadet_parts_s"], row["cadet_parts_s"])
+    assert row["cadet_parts_s"]["samples_omega"] > 0
 
 
 def test_memory_estimate():
