@@ -161,6 +161,7 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         min_p=trainer.args.cadet_min_p,
         demote_only=trainer.args.cadet_demote_only,
         safe_ratio=trainer.args.cadet_safe_ratio,
+        demote_below=trainer.args.cadet_demote_below,
     )
     corpus_omega = trainer.args.regularized_positions in ("corpus", "both")
     samples = trainer.args.regularized_positions in ("samples", "both")

@@ -286,30 +286,35 @@ def test_with_min_p_q_reweights_the_plausible_tokens_only_and_leaves_the_others_
 
 
 def test_demote_only_caps_R_at_its_plausible_mean_and_keeps_the_order_of_the_others():
-    """`demote_only`: q ∝ p · min(R, R̄) among the plausible tokens by brute force (R̄ the p-weighted mean of R over
-    them), with their total mass kept and q = p on the implausible ones, so q/p is one constant on every plausible
-    token at least as safe as the average (their order under p is kept) and lower on the others. Without the cut-off,
-    the same over the whole vocabulary."""
+    """`demote_only`: q ∝ p · min(R, γ R̄) among the plausible tokens by brute force (R̄ the p-weighted mean of R over
+    them, γ = `demote_below`), with their total mass kept and q = p on the implausible ones, so q/p is one constant on
+    every plausible token with R at least γ R̄ (their order under p is kept) and lower on the others. Without the
+    cut-off, the same over the whole vocabulary."""
     torch.manual_seed(1)
     lm_logits = 3 * torch.randn(4, 6, 40)
     nado_logits = 2 * torch.randn(4, 6, 40)
     p = torch.softmax(lm_logits, -1)
     R = torch.sigmoid(nado_logits)
-    for min_p in (0.0, 0.05):
+    for min_p, below in itertools.product((0.0, 0.05), (1.0, 0.7)):
         plausible = p >= min_p * p.max(-1, keepdim=True).values
         assert min_p == 0 or (~plausible).sum(-1).min() >= 1
         mass = (p * plausible).sum(-1, keepdim=True)
         mean = (p * R * plausible).sum(-1, keepdim=True) / mass
-        weighted = p * torch.minimum(R, mean) * plausible
+        weighted = p * torch.minimum(R, below * mean) * plausible
         expected = torch.where(plausible, weighted / weighted.sum(-1, keepdim=True) * mass, p)
-        q = target_logprobs(lm_logits, nado_logits, min_p=min_p, demote_only=True).exp()
+        q = target_logprobs(lm_logits, nado_logits, min_p=min_p, demote_only=True, demote_below=below).exp()
         torch.testing.assert_close(q, expected)
         ratio = q / p
-        safe = plausible & (R >= mean)
+        safe = plausible & (R >= below * mean)
         top = ratio.masked_fill(~safe, -1).amax(-1, keepdim=True)
         torch.testing.assert_close(torch.where(safe, ratio, top), top.expand_as(ratio))
         assert (ratio[plausible & ~safe] < top.expand_as(ratio)[plausible & ~safe]).all()
         torch.testing.assert_close(q[~plausible], p[~plausible])
+        if below < 1:  # γ < 1 leaves tokens below the mean untouched
+            assert (plausible & (R >= below * mean) & (R < mean)).any()
+    for options in (dict(demote_only=True, demote_below=0.0), dict(demote_below=0.8)):
+        with pytest.raises(ValueError, match="demote_below"):
+            target_logprobs(lm_logits, nado_logits, **options)
 
 
 def test_safe_ratio_caps_R_at_a_share_of_the_safest_plausible_tokens():
@@ -473,3 +478,39 @@ def test_safe_ratio_lets_lambda_grow_without_giving_a_benign_corpus_token_away()
     for lam in (8.0, 32.0):
         assert _fit_one_context(0, benign, lam, min_p=0.1, safe_ratio=0.8)[0] > 0.99
         assert _fit_one_context(0, insult, lam, min_p=0.1, safe_ratio=0.8)[0] < 1.2 / (1 + lam)
+
+
+def _fit_corpus_distribution(corpus: torch.Tensor, nado_logits: torch.Tensor, lam: float, **target_kwargs):
+    """As `_fit_one_context`, for a context the corpus continues in several ways (`corpus`: their frequencies)."""
+    logits = torch.zeros(nado_logits.shape[-1], requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=0.5)
+    for _ in range(3000):
+        optimizer.zero_grad()
+        log_p = torch.log_softmax(logits, -1)
+        q = target_logprobs(log_p.detach(), nado_logits, **target_kwargs).exp()
+        loss = -(corpus * log_p).sum() + lam * (q * (q.log() - log_p)).sum()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), -1)
+
+
+def test_demote_below_keeps_benign_continuations_and_min_p_shields_an_insult():
+    """Why `demote_below` exists, and why it goes with `min_p = 0`. Where the corpus continues a context two benign ways
+    half and half, demote-only lowers the one the NADO model rates 11% less safe (below the mean) to a quarter at
+    λ = 16 and a seventh at λ = 32: perplexity paid for the NADO model's error. With R capped at 0.8 of the mean,
+    both keep their half at any λ. On an insult (half the corpus's continuations), the min-p cut-off stops the push
+    once the insult is below a tenth of the likeliest token, so it stays near that cut-off whatever λ; without the
+    cut-off it falls to its floor `c / (1 + λ)`, with or without `demote_below`."""
+    half = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0])
+    benign = torch.logit(torch.tensor([0.85, 0.95, 0.60, 0.70, 0.75]))  # token 0 looks 11% less safe than token 1
+    insult = torch.logit(torch.tensor([0.05, 0.90, 0.85, 0.80, 0.90]))  # token 0 breaks the constraint
+    for lam in (16.0, 32.0):
+        assert _fit_corpus_distribution(half, benign, lam, demote_only=True)[0] < 0.3
+        kept = _fit_corpus_distribution(half, benign, lam, demote_only=True, demote_below=0.8)
+        torch.testing.assert_close(kept[:2], half[:2], atol=2e-3, rtol=0)
+        floor = 0.5 / (1 + lam)
+        for below in (1.0, 0.8):
+            shielded = _fit_corpus_distribution(half, insult, lam, min_p=0.1, demote_only=True, demote_below=below)
+            assert shielded[0] > 2 * floor
+            pushed = _fit_corpus_distribution(half, insult, lam, demote_only=True, demote_below=below)
+            assert pushed[0] < 1.2 * floor

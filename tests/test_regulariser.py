@@ -87,12 +87,14 @@ def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, t
 
 
 def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
-    """`cadet_min_p`, `cadet_demote_only` and `cadet_safe_ratio` reach the regulariser: the logged Ω is the KL to the
-    capped target, not to the plain one."""
+    """`cadet_min_p`, `cadet_demote_only`, `cadet_demote_below` and `cadet_safe_ratio` reach the regulariser: the
+    logged Ω is the KL to the capped target, not to the plain one."""
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=no_bad_word,
-        args=tiny_cadet_config(tmp_path, cadet_min_p=0.5, cadet_demote_only=True, cadet_safe_ratio=0.6),
+        args=tiny_cadet_config(
+            tmp_path, cadet_min_p=0.5, cadet_demote_only=True, cadet_demote_below=0.5, cadet_safe_ratio=0.6
+        ),
         train_dataset=conversations(),
         processing_class=tokenizer,
     )
@@ -102,10 +104,13 @@ def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
     def omega(**options):
         return cadet_kl(lm_logits, nado_logits, reduction="none", **options)[positions].mean().item()
 
-    configured = dict(min_p=0.5, demote_only=True, safe_ratio=0.6)
+    configured = dict(min_p=0.5, demote_only=True, demote_below=0.5, safe_ratio=0.6)
     assert logged == pytest.approx(omega(**configured), rel=1e-4)
-    for option, plain in dict(min_p=0.0, demote_only=False, safe_ratio=1.0).items():
-        assert logged != pytest.approx(omega(**{**configured, option: plain}), rel=1e-2), option
+    for option, plain in dict(min_p=0.0, demote_only=False, demote_below=1.0, safe_ratio=1.0).items():
+        changed = {**configured, option: plain}
+        if option == "demote_only":  # `demote_below` caps R below its mean, which only demote-only does
+            changed["demote_below"] = 1.0
+        assert logged != pytest.approx(omega(**changed), rel=2e-3), option  # float noise is ~1e-6
 
 
 def test_omega_covers_every_trained_token_of_a_text_corpus(tokenizer, tiny_llama, tmp_path):

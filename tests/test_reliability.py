@@ -180,6 +180,8 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
         (dict(prompts_per_round=0), r"`prompts_per_round` must be at least 1"),
         (dict(cadet_min_p=1.0), r"`cadet_min_p` must be in \[0, 1\)"),
         (dict(cadet_safe_ratio=0.0), r"`cadet_safe_ratio` must be in \(0, 1\]"),
+        (dict(cadet_demote_below=1.5), r"`cadet_demote_below` must be in \(0, 1\]"),
+        (dict(cadet_demote_only=False, cadet_demote_below=0.8), "set `cadet_demote_only=True`"),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):

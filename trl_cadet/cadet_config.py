@@ -124,6 +124,10 @@ class CADETConfig(SFTConfig):
             in proportion to `p_θ`, instead of favouring the tokens the NADO model rates safest. `False` gives the
             paper's `q ∝ p_θ · R`, whose samples lost their fluency in the demo's third round (see
             docs/cadet_trainer.md).
+        cadet_demote_below (`float`, *optional*, defaults to `1.0`):
+            With `cadet_demote_only`, cap `R` at this share of its mean instead, `q ∝ p_θ · min(R, cadet_demote_below ·
+            R̄)`: a token is lowered only when its `R` is below that share of the mean, so that the NADO model's small
+            errors between benign tokens move nothing, whatever λ. `1.0` lowers every token below the mean.
         cadet_safe_ratio (`float`, *optional*, defaults to `1.0`):
             Cap `R` at `cadet_safe_ratio` times the largest `R` among the plausible tokens in the target, `q ∝ p_θ ·
             min(R, cadet_safe_ratio · max R)`: the tokens within that factor of the safest one count as equally safe
@@ -308,6 +312,13 @@ class CADETConfig(SFTConfig):
             "less likely than average to keep the constraint and leaves the order of the others as the LM has it."
         },
     )
+    cadet_demote_below: float = field(
+        default=1.0,
+        metadata={
+            "help": "With cadet_demote_only, cap R at this share of its mean over the plausible tokens: a token is "
+            "lowered only when its R is below that share of the mean. 1 lowers every token below the mean."
+        },
+    )
     cadet_safe_ratio: float = field(
         default=1.0,
         metadata={
@@ -389,6 +400,17 @@ class CADETConfig(SFTConfig):
         if not 0.0 <= self.cadet_min_p < 1.0:
             raise ValueError(
                 f"`cadet_min_p` must be in [0, 1), got {self.cadet_min_p}; 0 lets the regulariser reweight every token."
+            )
+        if not 0.0 < self.cadet_demote_below <= 1.0:
+            raise ValueError(
+                f"`cadet_demote_below` must be in (0, 1], got {self.cadet_demote_below}; 1 lowers every plausible "
+                "token whose R is below the mean, 0.8 only those more than 20% below it."
+            )
+        if self.cadet_demote_below < 1.0 and not self.cadet_demote_only:
+            raise ValueError(
+                f"`cadet_demote_below` ({self.cadet_demote_below}) sets how far below its mean R must be for a token "
+                "to be lowered, which only `cadet_demote_only=True` does: set `cadet_demote_only=True` or "
+                "`cadet_demote_below=1.0`."
             )
         if not 0.0 < self.cadet_safe_ratio <= 1.0:
             raise ValueError(

@@ -853,6 +853,7 @@ class CADETTrainer(SFTTrainer):
                 min_p=self.args.cadet_min_p,
                 demote_only=self.args.cadet_demote_only,
                 safe_ratio=self.args.cadet_safe_ratio,
+                demote_below=self.args.cadet_demote_below,
             )
             if num_items_in_batch is not None:
                 kl = kl / self.current_gradient_accumulation_steps
@@ -970,6 +971,7 @@ class CADETTrainer(SFTTrainer):
             min_p=self.args.cadet_min_p,
             demote_only=self.args.cadet_demote_only,
             safe_ratio=self.args.cadet_safe_ratio,
+            demote_below=self.args.cadet_demote_below,
         )
 
     # Saving and resuming
@@ -1005,7 +1007,9 @@ class CADETTrainer(SFTTrainer):
             return
         oracles = ", ".join(getattr(o, "__name__", type(o).__name__) for o in self.oracle_funcs)
         repo = self.hub_model_id or self.args.output_dir
-        demote = ", lowering only those with R below their mean" if self.args.cadet_demote_only else ""
+        below = self.args.cadet_demote_below
+        share = "" if below == 1 else f"{below:g} · "
+        demote = f", lowering only those with R below {share}their mean" if self.args.cadet_demote_only else ""
         if self.args.cadet_safe_ratio < 1:
             demote += f", R capped at {self.args.cadet_safe_ratio:g} · the safest one's"
         section = f"""

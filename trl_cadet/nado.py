@@ -35,6 +35,7 @@ def target_logprobs(
     min_p: float = 0.0,
     demote_only: bool = False,
     safe_ratio: float = 1.0,
+    demote_below: float = 1.0,
 ) -> torch.Tensor:
     """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
 
@@ -46,7 +47,9 @@ def target_logprobs(
     With `demote_only=True`, `R` is capped at that mean, `q(v) ∝ p(v) min(R(ctx, v), R̄)` among the plausible tokens
     (which still keep their total mass): the tokens less likely than average to keep the constraint lose probability,
     which goes to the other plausible tokens in proportion to `p`, so `q` never reorders the tokens the NADO model finds
-    at least as safe as the average.
+    at least as safe as the average. With `demote_below < 1` the cap is that share of the mean, `q(v) ∝ p(v) min(R(ctx,
+    v), demote_below · R̄)`: a token is lowered only when its `R` is below `demote_below` times the mean, so that the
+    NADO model's small errors between benign tokens (within that factor of the mean) move nothing, at any λ.
 
     With `safe_ratio < 1`, `R` is capped at `safe_ratio` times the largest `R` among the plausible tokens: the tokens
     within that factor of the safest one count as equally safe, so that `q` never reorders them, and only the tokens
@@ -62,12 +65,18 @@ def target_logprobs(
             tokens.
         safe_ratio (`float`, *optional*, defaults to `1.0`): cap `R` at this share of the largest `R` over the
             plausible tokens; 1 leaves `R` as it is.
+        demote_below (`float`, *optional*, defaults to `1.0`): with `demote_only`, cap `R` at this share of its
+            `p`-weighted mean over the plausible tokens instead of the mean itself.
 
     Returns:
         `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
     """
     if not 0 < safe_ratio <= 1:
         raise ValueError(f"`safe_ratio` must be in (0, 1], got {safe_ratio}.")
+    if not 0 < demote_below <= 1:
+        raise ValueError(f"`demote_below` must be in (0, 1], got {demote_below}.")
+    if demote_below < 1 and not demote_only:
+        raise ValueError(f"`demote_below` ({demote_below}) caps R below its mean, so it needs `demote_only=True`.")
     if not min_p and not demote_only and safe_ratio == 1:
         return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
@@ -86,7 +95,7 @@ def target_logprobs(
         log_r = torch.minimum(log_r, safest + math.log(safe_ratio))
     log_mean_r = plausible_mean(log_r)
     if demote_only:
-        log_r = torch.minimum(log_r, log_mean_r)
+        log_r = torch.minimum(log_r, log_mean_r + math.log(demote_below))
         log_mean_r = plausible_mean(log_r)
     # The implausible tokens get the plausible ones' mean weight: the plausible set keeps its mass, the others keep p
     return torch.log_softmax(z + torch.where(plausible, log_r, log_mean_r), dim=-1)
@@ -109,6 +118,7 @@ def cadet_kl(
     min_p: float = 0.0,
     demote_only: bool = False,
     safe_ratio: float = 1.0,
+    demote_below: float = 1.0,
 ) -> torch.Tensor:
     """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
 
@@ -139,7 +149,12 @@ def cadet_kl(
     # q is a fixed target: built from detached inputs, so no graph is recorded for it. log_softmax(z + a) equals
     # log_softmax(log_softmax(z) + a), so log p serves as the logits.
     log_q = target_logprobs(
-        log_p.detach(), nado_logits.detach(), min_p=min_p, demote_only=demote_only, safe_ratio=safe_ratio
+        log_p.detach(),
+        nado_logits.detach(),
+        min_p=min_p,
+        demote_only=demote_only,
+        safe_ratio=safe_ratio,
+        demote_below=demote_below,
     )
     q = log_q.exp()
     # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
