@@ -514,3 +514,29 @@ def test_demote_below_keeps_benign_continuations_and_min_p_shields_an_insult():
             assert shielded[0] > 2 * floor
             pushed = _fit_corpus_distribution(half, insult, lam, demote_only=True, demote_below=below)
             assert pushed[0] < 1.2 * floor
+
+
+def test_neutral_tokens_keep_p_and_stay_out_of_the_mean():
+    """`neutral_tokens` (the end-of-turn token): q = p on them, and the plausible others are reweighted by brute force
+    as if the neutral tokens were implausible (demote-only's mean over the others only), with and without the cut-off
+    and with full reweighting; a context where only neutral tokens are plausible gets q = p."""
+    torch.manual_seed(3)
+    lm_logits = 3 * torch.randn(4, 6, 40)
+    nado_logits = 2 * torch.randn(4, 6, 40)
+    lm_logits[0, 0, 7] = 50.0  # the only plausible token at this context is a neutral one
+    neutral = torch.tensor([7, 11])
+    p = torch.softmax(lm_logits, -1)
+    R = torch.sigmoid(nado_logits)
+    for min_p, demote_only in itertools.product((0.0, 0.05), (False, True)):
+        plausible = p >= min_p * p.max(-1, keepdim=True).values
+        plausible[..., neutral] = False
+        mass = (p * plausible).sum(-1, keepdim=True)
+        weight = R
+        if demote_only:
+            weight = torch.minimum(R, (p * R * plausible).sum(-1, keepdim=True) / mass.clamp(min=1e-30))
+        weighted = p * weight * plausible
+        expected = torch.where(plausible, weighted / weighted.sum(-1, keepdim=True).clamp(min=1e-30) * mass, p)
+        q = target_logprobs(lm_logits, nado_logits, min_p=min_p, demote_only=demote_only, neutral_tokens=neutral)
+        torch.testing.assert_close(q.exp(), expected)
+        torch.testing.assert_close(q.exp()[..., neutral], p[..., neutral])
+        torch.testing.assert_close(q.exp()[0, 0], p[0, 0])

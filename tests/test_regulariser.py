@@ -113,6 +113,31 @@ def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
         assert logged != pytest.approx(omega(**changed), rel=2e-3), option  # float noise is ~1e-6
 
 
+def test_neutral_end_leaves_the_end_tokens_at_p(tokenizer, tiny_llama, tmp_path):
+    """`cadet_neutral_end`: the target leaves the chat template's end-of-turn token and the EOS tokens at p; the
+    logged Ω is the KL to that target, which differs from the default's."""
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, cadet_neutral_end=True, cadet_min_p=0.0),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    ends = trainer._neutral_tokens("cpu")
+    assert set(ends.tolist()) == {tokenizer.eos_token_id, trainer._assistant_markers.end}
+    logged, lm_logits, nado_logits, trained, assistant = _omega_batch(trainer)
+    positions = trained & assistant
+    target = dict(min_p=0.0, demote_only=trainer.args.cadet_demote_only)
+    q = target_logprobs(lm_logits, nado_logits, neutral_tokens=ends, **target).exp()
+    torch.testing.assert_close(q[..., ends], torch.softmax(lm_logits.float(), -1)[..., ends])
+
+    def omega(**options):
+        return cadet_kl(lm_logits, nado_logits, reduction="none", **target, **options)[positions].mean().item()
+
+    assert logged == pytest.approx(omega(neutral_tokens=ends), rel=1e-4)
+    assert logged != pytest.approx(omega(), rel=2e-3)
+
+
 def test_omega_covers_every_trained_token_of_a_text_corpus(tokenizer, tiny_llama, tmp_path):
     trainer = CADETTrainer(
         model=tiny_llama,

@@ -128,6 +128,10 @@ class CADETConfig(SFTConfig):
             With `cadet_demote_only`, cap `R` at this share of its mean instead, `q ∝ p_θ · min(R, cadet_demote_below ·
             R̄)`: a token is lowered only when its `R` is below that share of the mean, so that the NADO model's small
             errors between benign tokens move nothing, whatever λ. `1.0` lowers every token below the mean.
+        cadet_neutral_end (`bool`, *optional*, defaults to `False`):
+            Leave the end-of-turn and end-of-sequence tokens at `p_θ` in the target: their `R` is not used. Ending a
+            reply adds no text, so its true `R` is the oracle's verdict on the reply so far, which a NADO model trained
+            on whole sequences learns badly (every short insult of a corpus ends with it).
         cadet_safe_ratio (`float`, *optional*, defaults to `1.0`):
             Cap `R` at `cadet_safe_ratio` times the largest `R` among the plausible tokens in the target, `q ∝ p_θ ·
             min(R, cadet_safe_ratio · max R)`: the tokens within that factor of the safest one count as equally safe
@@ -317,6 +321,13 @@ class CADETConfig(SFTConfig):
         metadata={
             "help": "With cadet_demote_only, cap R at this share of its mean over the plausible tokens: a token is "
             "lowered only when its R is below that share of the mean. 1 lowers every token below the mean."
+        },
+    )
+    cadet_neutral_end: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave the end-of-turn and end-of-sequence tokens at p in the regulariser's target q (their R is "
+            "not used): ending a reply adds no text."
         },
     )
     cadet_safe_ratio: float = field(

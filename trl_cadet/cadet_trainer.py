@@ -854,6 +854,7 @@ class CADETTrainer(SFTTrainer):
                 demote_only=self.args.cadet_demote_only,
                 safe_ratio=self.args.cadet_safe_ratio,
                 demote_below=self.args.cadet_demote_below,
+                neutral_tokens=self._neutral_tokens(logits.device),
             )
             if num_items_in_batch is not None:
                 kl = kl / self.current_gradient_accumulation_steps
@@ -972,7 +973,21 @@ class CADETTrainer(SFTTrainer):
             demote_only=self.args.cadet_demote_only,
             safe_ratio=self.args.cadet_safe_ratio,
             demote_below=self.args.cadet_demote_below,
+            neutral_tokens=self._neutral_tokens(logits.device),
         )
+
+    def _neutral_tokens(self, device) -> torch.Tensor | None:
+        """The tokens the regulariser's target leaves at p (`cadet_neutral_end`): the end-of-turn token of the chat
+        template and the end-of-sequence tokens of the tokenizer and the model's generation config."""
+        if not self.args.cadet_neutral_end:
+            return None
+        ends = {self._tokenizer.eos_token_id}
+        generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
+        eos = getattr(generation_config, "eos_token_id", None)
+        ends.update(eos if isinstance(eos, list) else [eos])
+        if self._assistant_markers is not None:
+            ends.add(self._assistant_markers.end)
+        return torch.tensor(sorted(e for e in ends if e is not None), dtype=torch.long, device=device)
 
     # Saving and resuming
 

@@ -36,6 +36,7 @@ def target_logprobs(
     demote_only: bool = False,
     safe_ratio: float = 1.0,
     demote_below: float = 1.0,
+    neutral_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probabilities of the constraint-satisfying distribution `q(v | ctx) ∝ p(v | ctx) R(ctx, v)`.
 
@@ -50,6 +51,9 @@ def target_logprobs(
     at least as safe as the average. With `demote_below < 1` the cap is that share of the mean, `q(v) ∝ p(v) min(R(ctx,
     v), demote_below · R̄)`: a token is lowered only when its `R` is below `demote_below` times the mean, so that the
     NADO model's small errors between benign tokens (within that factor of the mean) move nothing, at any λ.
+
+    `neutral_tokens` (e.g. the end-of-turn token) are treated as the implausible ones: `q(v) = p(v)`, and their `R`
+    does not enter the mean.
 
     With `safe_ratio < 1`, `R` is capped at `safe_ratio` times the largest `R` among the plausible tokens: the tokens
     within that factor of the safest one count as equally safe, so that `q` never reorders them, and only the tokens
@@ -67,6 +71,7 @@ def target_logprobs(
             plausible tokens; 1 leaves `R` as it is.
         demote_below (`float`, *optional*, defaults to `1.0`): with `demote_only`, cap `R` at this share of its
             `p`-weighted mean over the plausible tokens instead of the mean itself.
+        neutral_tokens (`torch.Tensor` of token ids, *optional*): tokens whose `R` is not used; they keep `p`.
 
     Returns:
         `torch.Tensor` of shape `[..., V]`: `log q(v | ctx) = log_softmax(z + log sigmoid(r))`, in float32.
@@ -77,18 +82,21 @@ def target_logprobs(
         raise ValueError(f"`demote_below` must be in (0, 1], got {demote_below}.")
     if demote_below < 1 and not demote_only:
         raise ValueError(f"`demote_below` ({demote_below}) caps R below its mean, so it needs `demote_only=True`.")
-    if not min_p and not demote_only and safe_ratio == 1:
+    if not min_p and not demote_only and safe_ratio == 1 and neutral_tokens is None:
         return torch.log_softmax(guided_logits(lm_logits, nado_logits), dim=-1)
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
     z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
     cut_off = math.log(min_p) if min_p else -math.inf  # without a cut-off every token is plausible
     plausible = z >= z.max(dim=-1, keepdim=True).values + cut_off
+    if neutral_tokens is not None:
+        plausible[..., neutral_tokens] = False
     outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
     log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
 
     def plausible_mean(log_weight):
-        return torch.logsumexp(torch.where(plausible, z + log_weight, outside), dim=-1, keepdim=True) - log_mass
+        mean = torch.logsumexp(torch.where(plausible, z + log_weight, outside), dim=-1, keepdim=True) - log_mass
+        return mean.nan_to_num(nan=0.0)  # no plausible token (only neutral ones): any constant gives q = p
 
     if safe_ratio < 1:
         safest = torch.where(plausible, log_r, outside).amax(dim=-1, keepdim=True)
@@ -119,6 +127,7 @@ def cadet_kl(
     demote_only: bool = False,
     safe_ratio: float = 1.0,
     demote_below: float = 1.0,
+    neutral_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The CADET regulariser Ω: `KL(q ‖ p_θ)` at each context, with `q` built from the *detached* LM logits.
 
@@ -141,6 +150,9 @@ def cadet_kl(
             plausible tokens' mean (see `target_logprobs`).
         safe_ratio (`float`, *optional*, defaults to `1.0`): the plausible tokens whose `R` is within this factor of
             the safest one's count as equally safe (see `target_logprobs`).
+        demote_below (`float`, *optional*, defaults to `1.0`): with `demote_only`, only the tokens whose `R` is below
+            this share of the plausible mean are lowered (see `target_logprobs`).
+        neutral_tokens (`torch.Tensor` of token ids, *optional*): tokens `q` leaves at `p` (see `target_logprobs`).
 
     Returns:
         `torch.Tensor`: a scalar, or the per-context KL with `reduction="none"`.
@@ -155,6 +167,7 @@ def cadet_kl(
         demote_only=demote_only,
         safe_ratio=safe_ratio,
         demote_below=demote_below,
+        neutral_tokens=neutral_tokens,
     )
     q = log_q.exp()
     # q == 0 where R == 0 exactly; the term is 0 there and must not become 0 * -inf
