@@ -1027,6 +1027,8 @@ class CADETTrainer(SFTTrainer):
         demote = f", lowering only those with R below {share}their mean" if self.args.cadet_demote_only else ""
         if self.args.cadet_safe_ratio < 1:
             demote += f", R capped at {self.args.cadet_safe_ratio:g} · the safest one's"
+        if self.args.cadet_neutral_end:
+            demote += ", the end-of-turn and EOS tokens left at p"
         section = f"""
 ## CADET
 
