@@ -5,6 +5,7 @@ seeds and judges.
     python benchmarks/quality.py --budget steps --rows base,sft,cadet
     python benchmarks/quality.py --model tiny --threads 1         # a tiny Llama: a smoke test in about a minute
     python benchmarks/quality.py --cadet_lambda 2 --eval_num_samples 25   # any option of examples/cadet_llama.py
+    python benchmarks/quality.py --merge outputs/l8,outputs/l32 --output_dir outputs/sweep   # one table and plot
 
 Everything the demo (`examples/cadet_llama.py`) sets is taken from it: its corpus (`build_detox_corpus`), its defaults
 (`DEMO_DEFAULTS`, parsed by its own `make_parser`, so any of its options can be added to the command line), its
@@ -186,6 +187,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         "--save_samples", action="store_true", help="Keep each row's evaluation samples in quality.json."
     )
     parser.add_argument("--dry_run", action="store_true", help="Print the runs that the budgets give, and exit.")
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="Comma-separated output directories (or quality.json files) of earlier runs on the same model, corpus "
+        "and judges, e.g. a λ sweep run one value per process: print one table of all their rows, write it to "
+        "--output_dir with one plot, and exit. Nothing is trained.",
+    )
     args, passthrough = parser.parse_known_args(argv)
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
     unknown = [row for row in rows if row not in ROWS]
@@ -892,10 +900,53 @@ def plot(rows: list[dict], output_dir: str) -> list[str]:
     return paths
 
 
+def merge_runs(sources: list[str], output_dir: str, no_plot: bool = False) -> int:
+    """One table and one plot from the `quality.json` of several runs (`--merge`)."""
+    loaded = []
+    for source in sources:
+        path = source if source.endswith(".json") else os.path.join(source, "quality.json")
+        if not os.path.isfile(path):
+            print(f"quality.py: error: --merge: {path} does not exist; give the --output_dir of a finished run.")
+            return 2
+        with open(path) as f:
+            loaded.append((source, json.load(f)))
+    settings = loaded[0][1]["settings"]
+    same = ("model_path", "judges", "oracle", "demo_args")
+    for source, other in loaded[1:]:
+        differ = [key for key in same if other["settings"].get(key) != settings.get(key)]
+        if differ:
+            print(
+                f"quality.py: error: --merge: {source} differs from {sources[0]} in {', '.join(differ)}; merge only "
+                "runs of the same model, corpus, judges and evaluation."
+            )
+            return 2
+    rows, seen = [], set()
+    for source, run in loaded:
+        for row in run["rows"]:
+            label = row["row"]
+            if (row["budget"], label) in seen:  # the same row in two runs: name its run
+                label = f"{label} ({os.path.basename(os.path.normpath(source))})"
+            seen.add((row["budget"], label))
+            rows.append({**row, "row": label, "source": source, "passthrough": run["settings"].get("passthrough")})
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "quality.json")
+    with open(path, "w") as f:
+        json.dump({"settings": {**settings, "merged_from": sources}, "rows": rows}, f, indent=2, default=str)
+    print(f"Merged {len(rows)} rows of {len(sources)} runs; * the training oracle\n")
+    print(format_table(rows, settings["judges"], settings["oracle"]))
+    if not no_plot:
+        for plot_path in plot(rows, output_dir):
+            print(f"Plot: {plot_path}")
+    print(f"Results: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads collapse on shared cores
     args, passthrough = parse_args(argv)
+    if args.merge:
+        return merge_runs([source for source in args.merge.split(",") if source], args.output_dir, args.no_plot)
     options = {
         name: getattr(args, name)
         for name in (

@@ -193,3 +193,43 @@ def test_quality_rows_run_beside_a_started_thread_pool(tmp_path):
     assert row["error"] is None, row.get("traceback")
     assert 0 < row["perplexity"] < float("inf")
     assert "steps-base: done" in result.stdout
+
+
+def test_quality_merges_runs_of_a_sweep_into_one_table(tmp_path):
+    """`--merge`: the rows of runs made one λ per process, in one table and one plot; runs of another corpus are
+    refused."""
+
+    def write_run(name, rows, corpus="templated"):
+        settings = {"model_path": "m", "judges": ["jigsaw", "profanity"], "oracle": "jigsaw"}
+        settings["demo_args"] = {"corpus": corpus}
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "quality.json").write_text(json.dumps({"settings": settings, "rows": rows}))
+        return str(folder)
+
+    def row(label, lam, emt, perplexity):
+        toxicity = {
+            judge: {"expected_max_toxicity": emt, "toxicity_probability": emt / 2} for judge in ("jigsaw", "profanity")
+        }
+        report = {"toxicity": toxicity, "perplexity": perplexity}
+        plan = {} if lam is None else {"cadet_lambda": lam}
+        return {
+            "budget": "steps",
+            "row": label,
+            "plan": plan,
+            "toxicity": toxicity,
+            "perplexity": perplexity,
+            "report": report,
+        }
+
+    low = write_run("low", [row("sft", None, 0.45, 3.9), row("cadet λ=8", 8.0, 0.30, 4.0)])
+    high = write_run("high", [row("sft", None, 0.45, 3.9), row("cadet λ=32", 32.0, 0.20, 4.3)])
+    merged = tmp_path / "merged"
+    result = run_benchmark("quality.py", "--merge", f"{low},{high}", "--output_dir", str(merged))
+    labels = [r["row"] for r in json.loads((merged / "quality.json").read_text())["rows"]]
+    assert labels == ["sft", "cadet λ=8", "sft (high)", "cadet λ=32"]
+    assert "cadet λ=32" in result.stdout and (merged / "quality_steps.png").is_file()
+    other = write_run("other", [row("sft", None, 0.4, 3.9)], corpus="embedded")
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", f"{low},{other}"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "differs from" in refused.stdout and "demo_args" in refused.stdout
