@@ -499,8 +499,9 @@ def test_demote_below_keeps_benign_continuations_and_min_p_shields_an_insult():
     half and half, demote-only lowers the one the NADO model rates 11% less safe (below the mean) to a quarter at
     λ = 16 and a seventh at λ = 32: perplexity paid for the NADO model's error. With R capped at 0.8 of the mean,
     both keep their half at any λ. On an insult (half the corpus's continuations), the min-p cut-off stops the push
-    once the insult is below a tenth of the likeliest token, so it stays near that cut-off whatever λ; without the
-    cut-off it falls to its floor `c / (1 + λ)`, with or without `demote_below`."""
+    once the insult is below a tenth of the likeliest token and the LM loss pulls it back, so it hovers around that
+    cut-off, well above its floor; without the cut-off it falls to its floor `c / (1 + λ)`, with or without
+    `demote_below`."""
     half = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0])
     benign = torch.logit(torch.tensor([0.85, 0.95, 0.60, 0.70, 0.75]))  # token 0 looks 11% less safe than token 1
     insult = torch.logit(torch.tensor([0.05, 0.90, 0.85, 0.80, 0.90]))  # token 0 breaks the constraint
