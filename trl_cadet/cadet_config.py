@@ -128,10 +128,11 @@ class CADETConfig(SFTConfig):
             With `cadet_demote_only`, cap `R` at this share of its mean instead, `q ∝ p_θ · min(R, cadet_demote_below ·
             R̄)`: a token is lowered only when its `R` is below that share of the mean, so that the NADO model's small
             errors between benign tokens move nothing, whatever λ. `1.0` lowers every token below the mean.
-        cadet_neutral_end (`bool`, *optional*, defaults to `False`):
+        cadet_neutral_end (`bool`, *optional*, defaults to `True`):
             Leave the end-of-turn and end-of-sequence tokens at `p_θ` in the target: their `R` is not used. Ending a
             reply adds no text, so its true `R` is the oracle's verdict on the reply so far, which a NADO model trained
-            on whole sequences learns badly (every short insult of a corpus ends with it).
+            on whole sequences learns badly (every short insult of a corpus ends with it). `False` lowers them like
+            any token whose `R` is below the mean.
         cadet_safe_ratio (`float`, *optional*, defaults to `1.0`):
             Cap `R` at `cadet_safe_ratio` times the largest `R` among the plausible tokens in the target, `q ∝ p_θ ·
             min(R, cadet_safe_ratio · max R)`: the tokens within that factor of the safest one count as equally safe
@@ -324,7 +325,7 @@ class CADETConfig(SFTConfig):
         },
     )
     cadet_neutral_end: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Leave the end-of-turn and end-of-sequence tokens at p in the regulariser's target q (their R is "
             "not used): ending a reply adds no text."
