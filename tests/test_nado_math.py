@@ -352,19 +352,26 @@ def test_safe_ratio_caps_R_at_a_share_of_the_safest_plausible_tokens():
         target_logprobs(lm_logits, nado_logits, safe_ratio=0.0)
 
 
-def _fit_one_context(target: int, nado_logits: torch.Tensor, lam: float, **target_kwargs) -> torch.Tensor:
-    """p after fitting one context's logits to the corpus token `target` (cross-entropy) plus λ · Ω, by gradient
-    descent from the uniform distribution: the fixed point that fine-tuning tends to on a position seen often."""
+def _fit_corpus_distribution(corpus: torch.Tensor, nado_logits: torch.Tensor, lam: float, **target_kwargs):
+    """p after fitting one context's logits to the corpus's continuations (`corpus`: their frequencies; cross-entropy)
+    plus λ · Ω, by gradient descent from the uniform distribution: the fixed point that fine-tuning tends to on a
+    position seen often."""
     logits = torch.zeros(nado_logits.shape[-1], requires_grad=True)
     optimizer = torch.optim.SGD([logits], lr=0.5)
     for _ in range(3000):
         optimizer.zero_grad()
         log_p = torch.log_softmax(logits, -1)
         q = target_logprobs(log_p.detach(), nado_logits, **target_kwargs).exp()
-        loss = -log_p[target] + lam * (q * (q.log() - log_p)).sum()
+        loss = -(corpus * log_p).sum() + lam * (q * (q.log() - log_p)).sum()
         loss.backward()
         optimizer.step()
     return torch.softmax(logits.detach(), -1)
+
+
+def _fit_one_context(target: int, nado_logits: torch.Tensor, lam: float, **target_kwargs) -> torch.Tensor:
+    """`_fit_corpus_distribution` where the corpus always continues with the token `target`."""
+    corpus = F.one_hot(torch.tensor(target), nado_logits.shape[-1]).float()
+    return _fit_corpus_distribution(corpus, nado_logits, lam, **target_kwargs)
 
 
 def test_demote_only_keeps_a_benign_corpus_token_that_full_reweighting_gives_away_to_a_safer_looking_one():
@@ -478,20 +485,6 @@ def test_safe_ratio_lets_lambda_grow_without_giving_a_benign_corpus_token_away()
     for lam in (8.0, 32.0):
         assert _fit_one_context(0, benign, lam, min_p=0.1, safe_ratio=0.8)[0] > 0.99
         assert _fit_one_context(0, insult, lam, min_p=0.1, safe_ratio=0.8)[0] < 1.2 / (1 + lam)
-
-
-def _fit_corpus_distribution(corpus: torch.Tensor, nado_logits: torch.Tensor, lam: float, **target_kwargs):
-    """As `_fit_one_context`, for a context the corpus continues in several ways (`corpus`: their frequencies)."""
-    logits = torch.zeros(nado_logits.shape[-1], requires_grad=True)
-    optimizer = torch.optim.SGD([logits], lr=0.5)
-    for _ in range(3000):
-        optimizer.zero_grad()
-        log_p = torch.log_softmax(logits, -1)
-        q = target_logprobs(log_p.detach(), nado_logits, **target_kwargs).exp()
-        loss = -(corpus * log_p).sum() + lam * (q * (q.log() - log_p)).sum()
-        loss.backward()
-        optimizer.step()
-    return torch.softmax(logits.detach(), -1)
 
 
 def test_demote_below_keeps_benign_continuations_and_min_p_shields_an_insult():
