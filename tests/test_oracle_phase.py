@@ -6,7 +6,14 @@ import torch
 
 from trl_cadet.modeling_nado import NADOModel
 from trl_cadet.nado import nado_loss
-from trl_cadet.oracle_phase import Samples, _nado_batch, collate_samples, sample_features, tokenize_prompts
+from trl_cadet.oracle_phase import (
+    Samples,
+    _nado_batch,
+    collate_samples,
+    sample_features,
+    snapshot_policy,
+    tokenize_prompts,
+)
 
 
 def random_samples(vocab_size: int, n: int = 6) -> Samples:
@@ -98,3 +105,28 @@ def test_oracle_phase_prompts_begin_as_the_training_sequences_do(tmp_path):
     (ids,) = tokenize_prompts([conversation], tokenizer)
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_the_parallel_snapshot_runs_its_own_weights_under_sftrainers_fused_head(tokenizer):
+    """SFTTrainer replaces the model's `forward` with a closure over the original one (its fused LM head); a plain
+    `deepcopy` keeps that closure, so the snapshot would run, and sample from, the model being trained."""
+    from conftest import build_llama
+    from trl.trainer.utils import add_fused_lm_head
+
+    policy = build_llama(tokenizer)
+    add_fused_lm_head(policy)
+    snapshot = snapshot_policy(policy, "cpu")
+    input_ids = torch.tensor([[5, 9, 14, 20, 33]])
+    with torch.no_grad():
+        before = snapshot(input_ids=input_ids).logits
+        for param in policy.parameters():
+            param.add_(0.5)  # a training step on the policy, after the snapshot was taken
+        after = snapshot(input_ids=input_ids).logits
+        unpatched = type(snapshot).forward(snapshot, input_ids=input_ids).logits
+        generated = snapshot.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(after, unpatched, rtol=0, atol=0)
+    assert generated.shape == (1, 8)
+    # The snapshot keeps the patch itself (its fused head still works) and it now refers to the snapshot
+    fused = snapshot(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+    assert torch.isfinite(fused.loss)
