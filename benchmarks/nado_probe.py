@@ -79,11 +79,10 @@ def main() -> None:
         collate_samples,
         label_samples,
         output_embedding_weight,
-        sample_completions,
-        tokenize_prompts,
         train_nado,
     )
     from trl_cadet.oracles import load_oracle
+    from trl_cadet.sampling import sample_completions, tokenize_prompts
 
     cadet_llama = demo_module()
     defaults = cadet_llama.DEMO_DEFAULTS

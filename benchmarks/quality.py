@@ -567,8 +567,8 @@ def row_grpo(context, plan, oracle, output_dir):
 
 def sample_and_score(model, context, oracle, prompts: list, num_samples: int) -> list[list[tuple[float, str]]]:
     """`num_samples` completions of `model` for each prompt, sampled as in CADET's oracle phase, with their scores."""
-    from trl_cadet.oracle_phase import sample_completions, tokenize_prompts
     from trl_cadet.oracles import call_oracles
+    from trl_cadet.sampling import as_completions, sample_completions, tokenize_prompts
 
     config, tokenizer = context.config, context.tokenizer
     completion_ids = sample_completions(
@@ -576,7 +576,7 @@ def sample_and_score(model, context, oracle, prompts: list, num_samples: int) ->
         tokenizer,
         tokenize_prompts(prompts, tokenizer),
         num_generations=num_samples,
-        max_completion_length=config.max_completion_length,
+        max_new_tokens=config.max_completion_length,
         temperature=config.temperature,
         top_p=config.top_p,
         batch_size=config.generation_batch_size,
@@ -584,10 +584,7 @@ def sample_and_score(model, context, oracle, prompts: list, num_samples: int) ->
     )
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
-    completions = [
-        [{"role": "assistant", "content": t}] if isinstance(p, list) else t
-        for p, t in zip(repeated, texts, strict=True)
-    ]
+    completions = as_completions(repeated, texts)
     scores = call_oracles([oracle], repeated, completions, max_retries=config.oracle_max_retries).scores
     return [
         [(scores[j], texts[j]) for j in range(i * num_samples, (i + 1) * num_samples) if scores[j] is not None]
@@ -648,7 +645,8 @@ def row_nado_decoding(context, plan, oracle, output_dir):
 
     from trl_cadet import NADOModel
     from trl_cadet.decoding import NADOLogitsProcessor
-    from trl_cadet.oracle_phase import run_oracle_phase, tokenize_prompts
+    from trl_cadet.oracle_phase import run_oracle_phase
+    from trl_cadet.sampling import tokenize_prompts
 
     _, config, _ = context.configs(
         prompts_per_round=plan["prompts_per_round"], num_generations=plan["num_generations"]

@@ -116,7 +116,7 @@ def build_inputs(model_name: str, args, output_dir: str) -> dict:
     from trl import get_peft_config
 
     from trl_cadet import NADOModel
-    from trl_cadet.oracle_phase import tokenize_prompts
+    from trl_cadet.sampling import tokenize_prompts
 
     overrides = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     parser = demo_module().make_parser()

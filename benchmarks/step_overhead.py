@@ -110,7 +110,8 @@ def oracle_samples(tokenizer, n: int = 128, completion_length: int = 32):
     """`n` samples shaped like an oracle phase's (the demo's 32 prompts x 4 completions of up to 32 tokens), for Ω on
     samples (`regularized_positions` "samples" or "both"): chat prompts of the corpus with generation prompt, and
     replies cut to `completion_length` tokens."""
-    from trl_cadet.oracle_phase import Samples, tokenize_prompts
+    from trl_cadet.oracle_phase import Samples
+    from trl_cadet.sampling import tokenize_prompts
 
     rows = corpus(n)
     prompt_ids = tokenize_prompts([row["messages"][:1] for row in rows], tokenizer)

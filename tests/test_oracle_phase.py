@@ -12,8 +12,8 @@ from trl_cadet.oracle_phase import (
     collate_samples,
     sample_features,
     snapshot_policy,
-    tokenize_prompts,
 )
+from trl_cadet.sampling import sample_completions, tokenize_prompts
 
 
 def random_samples(vocab_size: int, n: int = 6) -> Samples:
@@ -105,6 +105,39 @@ def test_oracle_phase_prompts_begin_as_the_training_sequences_do(tmp_path):
     (ids,) = tokenize_prompts([conversation], tokenizer)
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_evaluation_and_the_oracle_phase_sample_through_one_path(conversational):
+    """The same prompts, seed and settings give the evaluation and the oracle phase the same completions: one
+    tokenisation (BOS on a text prompt), one padding, one RNG fork, one cut at the end token."""
+    from test_evaluation import make_model, make_tokenizer
+
+    from trl_cadet.evaluation import generate_samples
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    prompts = ["the quick brown fox", "a lazy dog sat", "hello"]
+    if conversational:
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+    texts = generate_samples(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=3,
+        max_new_tokens=6,
+        top_p=1.0,
+        batch_size=4,
+        seed=7,
+        show_progress=False,
+    )
+    prompt_ids = tokenize_prompts(prompts, tokenizer)
+    if not conversational:  # a chat template writes its own special tokens
+        assert all(ids[0] == tokenizer.bos_token_id for ids in prompt_ids)
+    completion_ids = sample_completions(model, tokenizer, prompt_ids, 3, 6, 1.0, 1.0, batch_size=4, seed=7)
+    decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    assert [text for row in texts for text in row] == decoded
+    assert len(set(decoded)) > 1  # sampled, not one greedy answer
 
 
 def test_the_parallel_snapshot_runs_its_own_weights_under_sftrainers_fused_head(tokenizer):

@@ -1,5 +1,4 @@
 import copy
-import inspect
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from .data_utils import (
 from .modeling_nado import (
     NADOConfig,
     NADOModel,
+    lm_dimensions,
     new_save_record,
     remove_save_record,
     write_save_record,
@@ -51,16 +51,16 @@ from .oracle_phase import (
     Samples,
     collate_samples,
     first_violations,
-    has_sharded_weights,
+    head_gives_logits,
     label_samples,
     output_embedding_weight,
     run_oracle_phase,
     snapshot_policy,
-    tokenize_prompts,
 )
-from .oracles.base import OraclePhaseStopped
+from .oracles.base import OraclePhaseStopped, oracle_name
 from .oracles.registry import load_oracle
 from .progress import RoundProgressCallback
+from .sampling import tokenize_prompts
 from .trainability import NoGradientWarning, keep_4bit_layers_trainable
 
 
@@ -92,19 +92,8 @@ def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase | None:
     return getattr(processing_class, "tokenizer", None)
 
 
-def _lm_dimensions(lm: PreTrainedModel) -> tuple[int, int]:
-    """(logits dimension, hidden size) of an LM, read without materialising any weight."""
-    text_config = lm.config.get_text_config()
-    vocab_size = text_config.vocab_size
-    head = lm.get_output_embeddings()
-    if head is not None:
-        # DeepSpeed ZeRO-3 partitions weights into empty tensors and keeps the full shape in `ds_shape`
-        vocab_size = getattr(head.weight, "ds_shape", head.weight.shape)[0]
-    return vocab_size, text_config.hidden_size
-
-
 def _check_nado_fits(nado_config: NADOConfig, lm: PreTrainedModel) -> None:
-    vocab_size, hidden_size = _lm_dimensions(lm)
+    vocab_size, hidden_size = lm_dimensions(lm)
     if (nado_config.vocab_size, nado_config.hidden_size) != (vocab_size, hidden_size):
         raise ValueError(
             f"The NADO model scores {nado_config.vocab_size} tokens from {nado_config.hidden_size}-wide states, but "
@@ -421,18 +410,13 @@ class CADETTrainer(SFTTrainer):
         # NADO model: the one the regulariser reads, and (parallel schedule) a second one trained in the background
         lm = self.accelerator.unwrap_model(self.model)
         lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        vocab_size, hidden_size = _lm_dimensions(lm)
         if nado_model is None:
-            nado_model = NADOModel(
-                NADOConfig(
-                    hidden_size=hidden_size,
-                    vocab_size=vocab_size,
-                    num_layers=args.nado_num_layers,
-                    hidden_state_layer=args.nado_hidden_state_layer,
-                    head=args.nado_head,
-                    rank=args.nado_rank,
-                    base_model_name_or_path=getattr(lm.config, "_name_or_path", None),
-                )
+            nado_model = NADOModel.from_lm(
+                lm,
+                num_layers=args.nado_num_layers,
+                hidden_state_layer=args.nado_hidden_state_layer,
+                head=args.nado_head,
+                rank=args.nado_rank,
             )
         if nado_model.config.head == "tied" and (sharded or lm.get_output_embeddings() is None):
             raise ValueError(
@@ -928,20 +912,9 @@ class CADETTrainer(SFTTrainer):
         if shortcut is None:
             unwrapped = self.accelerator.unwrap_model(model)
             base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-            head = unwrapped.get_output_embeddings()
-            self._head_gives_logits = False
-            if (
-                head is not None
-                and "logits_to_keep" in inspect.signature(base.forward).parameters
-                and not has_sharded_weights(unwrapped)
-            ):
-                with torch.no_grad():
-                    # Under mixed precision, Accelerate's autocast wrapper returns float32 outputs from a float16 or
-                    # bfloat16 model, whose head takes its own dtype
-                    sample = hidden_states[-1][mask][:8].to(head.weight.dtype)
-                    self._head_gives_logits = torch.allclose(
-                        head(sample).float(), logits[:8].float(), rtol=1e-3, atol=1e-3
-                    )
+            self._head_gives_logits = base._supports_logits_to_keep() and head_gives_logits(
+                unwrapped, hidden_states[-1][mask][:8], logits[:8]
+            )
         return outputs, logits, hidden_states, labels, mask
 
     def _samples_kl(self, model) -> torch.Tensor:
@@ -1020,7 +993,7 @@ class CADETTrainer(SFTTrainer):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return
-        oracles = ", ".join(getattr(o, "__name__", type(o).__name__) for o in self.oracle_funcs)
+        oracles = ", ".join(oracle_name(o) for o in self.oracle_funcs)
         repo = self.hub_model_id or self.args.output_dir
         below = self.args.cadet_demote_below
         share = "" if below == 1 else f"{below:g} · "

@@ -9,14 +9,10 @@ from typing import Any
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
-from trl.data_utils import maybe_convert_to_chatml
+from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml
 
 
 logger = logging.getLogger(__name__)
-
-
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    return dataset.column_names or list(next(iter(dataset)).keys())
 
 
 def _last_assistant_turn(messages: list[dict]) -> int | None:
@@ -26,7 +22,7 @@ def _last_assistant_turn(messages: list[dict]) -> int | None:
 
 def prompt_column(dataset: Dataset | IterableDataset, text_field: str = "text", name: str = "dataset") -> str:
     """The column the oracle phase takes its prompts from, or a `ValueError` saying what to change."""
-    columns = _column_names(dataset)
+    columns = get_dataset_column_names(dataset)
     for column in ("prompt", "messages", "conversations", text_field, "input_ids"):
         if column in columns:
             return column
@@ -42,7 +38,7 @@ def formatted_corpus(dataset: Dataset | IterableDataset, formatting_func, text_f
     `formatting_func(example)`, for the oracle phase's prompts and the corpus completions. A corpus with a 'prompt'
     column (the prompts to use) or already tokenized ('input_ids', which SFTTrainer does not format) is returned as
     it is."""
-    columns = _column_names(dataset)
+    columns = get_dataset_column_names(dataset)
     if "prompt" in columns or "input_ids" in columns:
         return dataset
     return dataset.map(lambda example: {text_field: formatting_func(example)}, remove_columns=columns)
@@ -66,7 +62,7 @@ def _check_no_missing_values(dataset: Dataset | IterableDataset, columns: list[s
 
 def check_corpus_columns(dataset: Dataset | IterableDataset, text_field: str = "text") -> None:
     """Raise, before `SFTTrainer` tokenizes anything, when no column of the corpus is one it can train on."""
-    columns = _column_names(dataset)
+    columns = get_dataset_column_names(dataset)
     used = [c for c in ("messages", "conversations", text_field, "input_ids") if c in columns]
     if used:
         _check_no_missing_values(dataset, used)
@@ -221,14 +217,14 @@ def extract_completions(
     its completions, a text corpus the `max_completion_length` tokens after its first `corpus_prompt_length` tokens.
     Rows whose chat template does not render the prompt as a prefix of the whole conversation are skipped.
     """
-    from .oracle_phase import tokenize_prompts
+    from .sampling import tokenize_prompts
 
     if isinstance(dataset, Dataset):
         order = random.Random(seed).sample(range(len(dataset)), min(count, len(dataset)))
         rows = (dataset[i] for i in order)
     else:
         rows = iter(dataset)
-    columns = _column_names(dataset)
+    columns = get_dataset_column_names(dataset)
     eos = {tokenizer.eos_token_id}
     markers = assistant_markers(tokenizer)
     if markers is not None:

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 from trl.data_utils import is_conversational, maybe_apply_chat_template
+from trl.trainer.utils import pad
 
 from .oracles.base import OracleFunc, check_scores
+from .sampling import as_completions, ensure_pad_token, is_conversational_prompts, sample_completions, tokenize_prompts
 
 
 logger = logging.getLogger(__name__)
@@ -78,21 +80,6 @@ def toxicity_metrics(toxicity: Sequence[Sequence[float | None]], threshold: floa
         "num_prompts": len(per_prompt),
         "num_samples": len(samples),
     }
-
-
-def _is_conversational_prompts(prompts: Sequence[Any]) -> bool:
-    kinds = {is_conversational({"prompt": prompt}) for prompt in prompts}
-    if len(kinds) > 1:
-        raise ValueError(
-            "The prompts mix strings and lists of chat messages. Pass all prompts in the same format, as in a TRL "
-            "dataset."
-        )
-    return kinds.pop() if kinds else False
-
-
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.pad_token is None:  # as TRL's trainers do; padding is masked out everywhere here
-        tokenizer.pad_token = tokenizer.eos_token
 
 
 @torch.no_grad()
@@ -147,52 +134,24 @@ def generate_samples(
     """
     if num_samples < 1:
         raise ValueError(f"`num_samples` must be at least 1, got {num_samples}.")
-    conversational = _is_conversational_prompts(prompts)
-    texts = [maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"] for prompt in prompts]
-    _ensure_pad_token(tokenizer)
-    if isinstance(logits_processor, LogitsProcessor):
-        logits_processor = [logits_processor]
-    processors = LogitsProcessorList(logits_processor or [])
-    if temperature == 0:
-        sampling = {"do_sample": False}
-    else:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-
-    # One sequence per (prompt, sample) pair, so that batches can span prompts
-    pairs = [i for i in range(len(texts)) for _ in range(num_samples)]
-    samples: list[list[str]] = [[] for _ in texts]
-    was_training = model.training
-    model.eval()
-    device = model.device
-    rng_devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in tqdm(
-                range(0, len(pairs), batch_size), desc="Sampling", unit="batch", disable=not show_progress
-            ):
-                batch = pairs[start : start + batch_size]
-                inputs = tokenizer(
-                    [texts[i] for i in batch],
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="left",
-                    add_special_tokens=not conversational,  # a chat template writes its own special tokens
-                ).to(device)
-                outputs = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    logits_processor=processors,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-                new_tokens = outputs[:, inputs["input_ids"].shape[1] :]
-                for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-                    samples[i].append(text)
-    finally:
-        model.train(was_training)
-    return samples
+    is_conversational_prompts(prompts)
+    ensure_pad_token(tokenizer)
+    completion_ids = sample_completions(
+        model,
+        tokenizer,
+        tokenize_prompts(prompts, tokenizer),
+        num_generations=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        batch_size=batch_size,
+        seed=seed,
+        logits_processor=logits_processor,
+        progress=show_progress,
+    )
+    texts = iter(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+    return [[next(texts) for _ in range(num_samples)] for _ in prompts]
 
 
 def evaluate_toxicity(
@@ -234,7 +193,7 @@ def evaluate_toxicity(
     """
     if not judges:
         raise ValueError("Pass at least one judge to score the samples with (see `trl_cadet.oracles.load_oracle`).")
-    conversational = _is_conversational_prompts(prompts)
+    is_conversational_prompts(prompts)
     start = time.perf_counter()
     samples = generate_samples(
         model, tokenizer, prompts, num_samples=num_samples, show_progress=show_progress, **generation_kwargs
@@ -244,10 +203,7 @@ def evaluate_toxicity(
     start = time.perf_counter()
     flat_prompts = [prompt for prompt, completions in zip(prompts, samples, strict=True) for _ in completions]
     flat_texts = [text for completions in samples for text in completions]
-    if conversational:
-        flat_completions = [[{"role": "assistant", "content": text}] for text in flat_texts]
-    else:
-        flat_completions = flat_texts
+    flat_completions = as_completions(flat_prompts, flat_texts)
     toxicity: dict[str, list[list[float | None]]] = {}
     for name, judge in judges.items():
         scores: list[float | None] = []
@@ -333,15 +289,13 @@ def _perplexity(
     total_nll, total_tokens = 0.0, 0
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not show_progress):
-            batch = rows[start : start + batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, (ids, first) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                labels[row, first : len(ids)] = torch.tensor(ids[first:])
-                attention_mask[row, : len(ids)] = 1
+            batch = [torch.tensor(ids) for ids, _ in rows[start : start + batch_size]]
+            firsts = [first for _, first in rows[start : start + batch_size]]
+            input_ids = pad(batch)
+            labels = pad(
+                [ids.masked_fill(torch.arange(len(ids)) < first, -100) for ids, first in zip(batch, firsts)], -100
+            )
+            attention_mask = pad([torch.ones_like(ids) for ids in batch])
             logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
             targets = labels[:, 1:].to(model.device)
             nll = F.cross_entropy(
@@ -383,11 +337,9 @@ def generation_perplexity(
     """Fluency of generated text: the perplexity of the samples' tokens, each given its prompt, under `judge` (a
     reference LM such as the base model; it must share `tokenizer`). Word salad scores high even when it is not toxic.
     """
-    conversational = _is_conversational_prompts(prompts)
+    is_conversational_prompts(prompts)
     rows = []
-    for prompt, completions in zip(prompts, samples, strict=True):
-        text = maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
-        prompt_ids = tokenizer(text, add_special_tokens=not conversational)["input_ids"]
+    for prompt_ids, completions in zip(tokenize_prompts(prompts, tokenizer), samples, strict=True):
         for completion in completions:
             completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
             if completion_ids:

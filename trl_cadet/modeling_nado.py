@@ -83,6 +83,17 @@ def check_save_record(nado_dir: str) -> None:
         )
 
 
+def lm_dimensions(lm: PreTrainedModel) -> tuple[int, int]:
+    """(logits dimension, hidden size) of an LM, read without materialising any weight."""
+    text_config = lm.config.get_text_config()
+    vocab_size = text_config.vocab_size
+    head = lm.get_output_embeddings()
+    if head is not None:
+        # DeepSpeed ZeRO-3 partitions weights into empty tensors and keeps the full shape in `ds_shape`
+        vocab_size = getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    return vocab_size, text_config.hidden_size
+
+
 class NADOConfig(PretrainedConfig):
     r"""
     Configuration of a [`NADOModel`].
@@ -237,11 +248,9 @@ class NADOModel(PreTrainedModel):
     @classmethod
     def from_lm(cls, lm: PreTrainedModel, num_layers: int = 0, hidden_state_layer: int = -1, **kwargs) -> "NADOModel":
         """A new NADO model sized for `lm` (its hidden size and logits dimension)."""
-        text_config = lm.config.get_text_config()
-        output_embeddings = lm.get_output_embeddings()
-        vocab_size = output_embeddings.weight.shape[0] if output_embeddings is not None else text_config.vocab_size
+        vocab_size, hidden_size = lm_dimensions(lm)
         config = NADOConfig(
-            hidden_size=text_config.hidden_size,
+            hidden_size=hidden_size,
             vocab_size=vocab_size,
             num_layers=num_layers,
             hidden_state_layer=hidden_state_layer,

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from trl.trainer.utils import selective_log_softmax
 
 
 def guided_logits(lm_logits: torch.Tensor, nado_logits: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -262,10 +263,8 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, completion_
     Returns:
         `torch.Tensor` of shape `[B]`.
     """
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logprobs = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    mask = completion_mask[:, 1:].bool()
-    return torch.where(mask, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
+    token_logprobs = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
+    return token_logprobs.masked_fill(~completion_mask[:, 1:].bool(), 0.0).sum(-1)
 
 
 def importance_weights(policy_logprobs: torch.Tensor, proposal_logprobs: torch.Tensor) -> torch.Tensor:

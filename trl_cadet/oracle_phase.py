@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TopPLogitsWarper
-from trl.data_utils import maybe_apply_chat_template
+from trl.trainer.utils import pad
 
 from .modeling_nado import NADOModel
 from .nado import importance_weights, nado_loss, sequence_logprobs
 from .oracles.base import OraclePhaseStopped, call_oracles
+from .sampling import as_completions, fsdp_classes, no_router_logits, sample_completions
 
 
 @dataclass
@@ -98,73 +99,22 @@ class RolloutPrefixes:
         return RolloutPrefixes(**{k: (v + v[:padding])[rank::processes] for k, v in self.to_dict().items()})
 
 
-def render_prompt(prompt: Any, processing_class: PreTrainedTokenizerBase) -> str:
-    """A prompt as text: conversational prompts go through the chat template with a generation prompt."""
-    return maybe_apply_chat_template({"prompt": prompt}, processing_class)["prompt"]
-
-
-def tokenize_prompts(prompts: list[Any], processing_class: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of prompts as the policy sees them in training: a chat template writes its own special tokens (as in
-    GRPOTrainer), a plain-text prompt gets the tokenizer's (e.g. BOS), as SFTTrainer's text examples do."""
-    return [
-        processing_class(text=render_prompt(p, processing_class), add_special_tokens=not isinstance(p, list))[
-            "input_ids"
-        ]
-        for p in prompts
-    ]
-
-
-def pad_left(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def collate_samples(
     prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, device
 ) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and `completion_mask` for prompt + completion sequences."""
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+    pairs = list(zip(prompt_ids, completion_ids, strict=True))
     batch = {
-        "input_ids": torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(prompt_ids), width), dtype=torch.long),
-        "completion_mask": torch.zeros((len(prompt_ids), width), dtype=torch.long),
+        "input_ids": pad([torch.tensor(p + c, dtype=torch.long) for p, c in pairs], padding_value=pad_token_id),
+        "attention_mask": pad([torch.ones(len(p) + len(c), dtype=torch.long) for p, c in pairs]),
+        "completion_mask": pad([torch.tensor([0] * len(p) + [1] * len(c), dtype=torch.long) for p, c in pairs]),
     }
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        batch["input_ids"][i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-        batch["attention_mask"][i, : len(p) + len(c)] = 1
-        batch["completion_mask"][i, len(p) : len(p) + len(c)] = 1
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _fsdp_classes() -> tuple[type, ...]:
-    if not torch.distributed.is_available():
-        return ()
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        return (FullyShardedDataParallel,)
-    return (FullyShardedDataParallel, FSDPModule)
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """Whether `model` is sharded by FSDP (1 or 2) in a multi-process run, where its forward passes are collective."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    if torch.distributed.get_world_size() == 1:
-        return False
-    return any(isinstance(m, _fsdp_classes()) for m in model.modules())
 
 
 def has_sharded_weights(model: torch.nn.Module) -> bool:
     """Whether this process holds only a shard of some of `model`'s weights (FSDP 1 or 2, DeepSpeed ZeRO-3)."""
-    if any(isinstance(m, _fsdp_classes()) for m in model.modules()):
+    if any(isinstance(m, fsdp_classes()) for m in model.modules()):
         return True
     try:
         from torch.distributed.tensor import DTensor
@@ -246,80 +196,12 @@ def _copy_callable(value: Any, memo: dict[int, Any]) -> Any:
     return function
 
 
-def no_router_logits(model: PreTrainedModel) -> dict[str, bool]:
-    """Keyword arguments that turn off a mixture-of-experts model's router logits, which SFTTrainer turns on for its
-    load-balancing loss: the oracle phase needs no such loss, and `generate` cannot compute it (the router logits of a
-    decoding step cover the new token only, the attention mask the whole sequence)."""
-    config = getattr(model, "config", None)
-    return {"output_router_logits": False} if hasattr(config, "output_router_logits") else {}
-
-
-@torch.no_grad()
-def sample_completions(
-    policy: PreTrainedModel,
-    processing_class: PreTrainedTokenizerBase,
-    prompt_ids: list[list[int]],
-    num_generations: int,
-    max_completion_length: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    seed: int,
-    progress: bool = False,
-    stop=None,
-) -> list[list[int]]:
-    """`num_generations` completions per prompt (grouped by prompt), each cut after its first EOS token.
-
-    Sampling runs under a forked RNG seeded with `seed`, so that a phase is reproducible (and a resumed run samples
-    what the uninterrupted run sampled) whatever the training loop drew from the global RNG before.
-    """
-    device = policy.device
-    eos_ids = policy.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids if eos_ids is not None else -1])
-    eos_ids.add(processing_class.eos_token_id)
-    pad_token_id = processing_class.pad_token_id
-    repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
-    completions: list[list[int]] = []
-    # A sharded (FSDP) policy gathers its weights in every forward pass, a collective call: all processes must run
-    # the same number of forward passes, even those whose completions have all ended
-    synced_gpus = _is_sharded(policy) or None
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
-        torch.manual_seed(seed)
-        starts = range(0, len(repeated), batch_size)
-        for start in tqdm(starts, desc="Oracle phase: sampling", unit="batch", disable=not progress, leave=False):
-            if stop is not None and stop.is_set():
-                raise OraclePhaseStopped("Training was stopped during the oracle phase.")
-            input_ids, attention_mask = pad_left(repeated[start : start + batch_size], pad_token_id, device)
-            output = policy.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                max_new_tokens=max_completion_length,
-                pad_token_id=pad_token_id,
-                eos_token_id=sorted(eos_ids),
-                synced_gpus=synced_gpus,
-                **no_router_logits(policy),
-            )
-            for row in output[:, input_ids.shape[1] :].tolist():
-                cut = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
-                completions.append(row[:cut])
-    return completions
-
-
 def oracle_completions(
     prompts: list[Any], completion_ids: list[list[int]], processing_class: PreTrainedTokenizerBase
 ) -> list[Any]:
     """Completions as the oracles get them: decoded text, wrapped as an assistant message after a conversational prompt
     (as TRL's reward functions expect)."""
-    texts = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-    return [
-        [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-        for prompt, text in zip(prompts, texts, strict=True)
-    ]
+    return as_completions(prompts, processing_class.batch_decode(completion_ids, skip_special_tokens=True))
 
 
 def first_violations(
@@ -420,11 +302,6 @@ def label_samples(
     )
 
 
-def _pad_rows(rows: list[torch.Tensor], value: float = 0) -> torch.Tensor:
-    """Right-pad `[L_i, ...]` tensors to one `[B, max L_i, ...]` tensor."""
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
-
-
 @dataclass
 class SampleFeatures:
     """What NADO training needs of one sample, from one forward pass of the policy (the policy is frozen during the
@@ -487,12 +364,7 @@ def sample_features(
             final = final.to(head.weight.dtype)
         nado_hidden = outputs.hidden_states[nado.config.hidden_state_layer][:, -length:]
         if use_head is None:
-            # A sharded head (FSDP, ZeRO-3) only runs inside the model's forward: keep the logits instead
-            use_head = (
-                head is not None
-                and not has_sharded_weights(policy)
-                and torch.allclose(head(final[:1]).float(), logits[:1].float(), rtol=1e-3, atol=1e-3)
-            )
+            use_head = head_gives_logits(policy, final[:1], logits[:1])
         if proposal is not None:
             proposal_logits = logits.float() / proposal[0]
             if top_p_warper is not None:
@@ -516,6 +388,19 @@ def sample_features(
     return features, weights
 
 
+@torch.no_grad()
+def head_gives_logits(model: PreTrainedModel, hidden_states: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether `model`'s LM head alone turns its last hidden states into its logits, checked on a few positions, so
+    that the head can run on chosen positions only. Not for a model that scales or soft-caps its logits, and never
+    with sharded weights (FSDP, ZeRO-3), whose head can only run inside the model's forward."""
+    head = model.get_output_embeddings()
+    if head is None or has_sharded_weights(model):
+        return False
+    # Under mixed precision, Accelerate's autocast wrapper returns float32 outputs from a float16 or bfloat16 model,
+    # whose head takes its own dtype
+    return torch.allclose(head(hidden_states.to(head.weight.dtype)).float(), logits.float(), rtol=1e-3, atol=1e-3)
+
+
 def output_embedding_weight(model: PreTrainedModel) -> torch.Tensor | None:
     """The LM-head weight `[V, H]` of `model` (a PEFT model too), which the tied NADO head reads; `None` if it has
     none."""
@@ -527,25 +412,25 @@ def _nado_batch(policy, nado: NADOModel, features: list[SampleFeatures]):
     """`(nado_logits, lm_logits, tokens, completion_mask)` over the windows of `features`, right-padded."""
     device = next(nado.parameters()).device
     embeddings = output_embedding_weight(policy)
-    tokens = _pad_rows([f.tokens for f in features])
+    tokens = pad([f.tokens for f in features])
     lengths = torch.tensor([len(f.tokens) for f in features], device=device)
     columns = torch.arange(tokens.shape[1], device=device)
     completion_mask = ((columns[None] > 0) & (columns[None] < lengths[:, None])).long()
     if nado.layers:
-        states = _pad_rows([f.nado_states for f in features])
-        attention_mask = _pad_rows([torch.ones(len(f.nado_states), device=device) for f in features]).long()
+        states = pad([f.nado_states for f in features])
+        attention_mask = pad([torch.ones(len(f.nado_states), device=device) for f in features]).long()
         # The layers attend to the whole sequence; only the windows are scored
         offsets = torch.tensor([f.offset for f in features], device=device)
         positions = (offsets[:, None] + columns[None]).clamp(max=states.shape[1] - 1)
         nado_logits = nado(states, attention_mask, output_embeddings=embeddings)
         nado_logits = nado_logits.gather(1, positions[..., None].expand(-1, -1, nado_logits.shape[-1]))
     else:
-        nado_logits = nado(_pad_rows([f.nado_states for f in features]), output_embeddings=embeddings)
+        nado_logits = nado(pad([f.nado_states for f in features]), output_embeddings=embeddings)
     with torch.no_grad():
         if features[0].head_states is not None:
-            lm_logits = policy.get_output_embeddings()(_pad_rows([f.head_states for f in features]))
+            lm_logits = policy.get_output_embeddings()(pad([f.head_states for f in features]))
         else:
-            lm_logits = _pad_rows([f.lm_logits for f in features])
+            lm_logits = pad([f.lm_logits for f in features])
     return nado_logits, lm_logits.to(device), tokens, completion_mask
 
 
@@ -668,12 +553,13 @@ def sample_rollouts(
         processing_class,
         starts,
         num_generations=1,
-        max_completion_length=args.max_completion_length,
+        max_new_tokens=args.max_completion_length,
         temperature=args.temperature,
         top_p=args.top_p,
         batch_size=args.generation_batch_size,
         seed=seed,
         progress=progress,
+        desc="Oracle phase: rollouts",
         stop=stop,
     )
     labelling = label_samples(
@@ -743,12 +629,13 @@ def run_oracle_phase(
             processing_class,
             prompt_ids,
             num_generations=args.num_generations,
-            max_completion_length=args.max_completion_length,
+            max_new_tokens=args.max_completion_length,
             temperature=args.temperature,
             top_p=args.top_p,
             batch_size=args.generation_batch_size,
             seed=seed,
             progress=progress,
+            desc="Oracle phase: sampling",
             stop=stop,
         )
         generated = time.perf_counter()

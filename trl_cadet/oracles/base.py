@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from trl.trainer.utils import get_callable_name, get_config_model_id
 
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,12 @@ def completion_text(completion: Any) -> str:
 
 
 def oracle_name(oracle: Any) -> str:
-    """A short name for logging, like TRL's reward function names."""
-    name = getattr(oracle, "__name__", None)
-    if name is None and hasattr(oracle, "config"):
-        name = getattr(oracle.config, "_name_or_path", None)
+    """A short name for logging, by GRPOTrainer's rule for reward functions: a model is named by its model id, a
+    callable by its name (a `functools.partial` by its function's, an instance by its class's)."""
+    if not hasattr(oracle, "__name__") and hasattr(oracle, "config"):
+        name = get_config_model_id(oracle.config)
+    else:
+        name = get_callable_name(oracle)
     return (name or type(oracle).__name__).split("/")[-1]
 
 
