@@ -27,7 +27,8 @@ from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_cadet import CADETTrainer, NADOModel
-from trl_cadet.cadet_trainer import NADO_DIR, STAGING_DIR, STREAMED_PROMPT_ROWS, last_complete_checkpoint
+from trl_cadet.checkpoints import NADO_DIR, STAGING_DIR, last_complete_checkpoint
+from trl_cadet.data_utils import STREAMED_PROMPT_ROWS
 from trl_cadet.oracles.base import check_scores
 
 

@@ -3,37 +3,46 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 from trl import SFTTrainer
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .cadet_config import CADETConfig
+from .checkpoints import (
+    CADET_STATE_NAME,
+    NADO_DIR,
+    NADO_OPTIMIZER_NAME,
+    PENDING_NADO_DIR,
+    STAGING_DIR,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    publish,
+    read_cadet_state,
+    write_cadet_state,
+)
 from .data_utils import (
     assistant_markers,
     assistant_token_mask,
     check_corpus_columns,
     extract_completions,
-    extract_prompts,
     formatted_corpus,
+    oracle_prompts,
     prompt_column,
+    tokenizer_of,
 )
 from .modeling_nado import (
     NADOConfig,
@@ -60,21 +69,10 @@ from .oracle_phase import (
 from .oracles.base import OraclePhaseStopped, oracle_name
 from .oracles.registry import load_oracle
 from .progress import RoundProgressCallback
-from .sampling import tokenize_prompts
 from .trainability import NoGradientWarning, keep_4bit_layers_trainable
 
 
 logger = logging.getLogger(__name__)
-
-NADO_DIR = "nado"
-PENDING_NADO_DIR = "nado_pending"
-NADO_OPTIMIZER_NAME = "nado_optimizer.pt"
-CADET_STATE_NAME = "cadet_state.json"
-# Checkpoints are written here, then renamed to `checkpoint-N` once complete; the name does not match `checkpoint-*`,
-# so neither `get_last_checkpoint` nor `rotate_checkpoints` ever sees a half-written checkpoint
-STAGING_DIR = ".checkpoint-in-progress"
-# A streamed prompt source may never end: the oracle phase draws its prompts from this many first rows
-STREAMED_PROMPT_ROWS = 1000
 
 CITATION = """\
 @inproceedings{meng2024attribute,
@@ -84,12 +82,6 @@ CITATION = """\
     year      = 2024,
     eprint    = {arXiv:2410.05559}
 }"""
-
-
-def _tokenizer_of(processing_class) -> PreTrainedTokenizerBase | None:
-    if processing_class is None or isinstance(processing_class, PreTrainedTokenizerBase):
-        return processing_class
-    return getattr(processing_class, "tokenizer", None)
 
 
 def _check_nado_fits(nado_config: NADOConfig, lm: PreTrainedModel) -> None:
@@ -107,74 +99,6 @@ def _pad_front(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
     if not width:
         return tensor
     return torch.cat([tensor.new_full((tensor.shape[0], width), value), tensor], dim=1)
-
-
-def _publish(staged: str, final: str) -> None:
-    """Move a complete checkpoint to its place in one rename; a stale one of the same step is moved aside first."""
-    replaced = f"{staged}.replaced"
-    if os.path.exists(final):
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
-    os.replace(staged, final)
-    shutil.rmtree(replaced, ignore_errors=True)
-    try:
-        os.rmdir(os.path.dirname(staged))
-    except OSError:
-        pass  # not empty: the leftovers of an earlier save
-
-
-def _checkpoint_step(name: str) -> int | None:
-    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
-CADET_STATE_KEYS = ("cadet_lambda", "current_round", "nado_source_round", "oracle_calls", "latest_samples", "pending")
-# Trainer's files a single-process run needs to continue as it was; without them it resumes silently with fresh state
-TRAINER_RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
-
-
-def checkpoint_problem(path: str, trainer_files: Sequence[str] = TRAINER_RESUME_FILES) -> str | None:
-    """What makes `path` unfit to resume from (a missing or corrupt file, named), or None when it is intact.
-
-    Reads only `cadet_state.json` and the headers of the NADO weights, so it is cheap to call on every checkpoint.
-    """
-    if not os.path.isdir(path):
-        return "it does not exist"
-    for name in (CADET_STATE_NAME, TRAINER_STATE_NAME, NADO_OPTIMIZER_NAME, *trainer_files):
-        if not os.path.isfile(os.path.join(path, name)):
-            return f"it has no {name}"
-    try:
-        with open(os.path.join(path, CADET_STATE_NAME)) as f:
-            state = json.load(f)
-        missing = [key for key in CADET_STATE_KEYS if key not in state]
-    except (OSError, ValueError, TypeError) as error:
-        return f"its {CADET_STATE_NAME} cannot be read ({type(error).__name__}: {error})"
-    if missing:
-        return f"its {CADET_STATE_NAME} lacks {missing}"
-    for folder in (NADO_DIR, PENDING_NADO_DIR) if state["pending"] is not None else (NADO_DIR,):
-        weights = os.path.join(path, folder, SAFE_WEIGHTS_NAME)
-        if not os.path.isfile(os.path.join(path, folder, CONFIG_NAME)) or not os.path.isfile(weights):
-            return f"it has no {folder}/{CONFIG_NAME} and {folder}/{SAFE_WEIGHTS_NAME}"
-        try:
-            with safe_open(weights, framework="pt"):
-                pass  # the header is checked against the file's size: a truncated file fails here
-        except Exception as error:  # SafetensorError is not exported under a stable name
-            return f"its {folder}/{SAFE_WEIGHTS_NAME} is corrupt ({error})"
-    return None
-
-
-def last_complete_checkpoint(folder: str, trainer_files: Sequence[str] = TRAINER_RESUME_FILES) -> str | None:
-    """The newest intact `checkpoint-N` in `folder`, skipping (with a warning naming what is wrong) any that is not."""
-    if not os.path.isdir(folder):
-        return None
-    candidates = sorted((step, name) for name in os.listdir(folder) if (step := _checkpoint_step(name)) is not None)
-    for _, name in reversed(candidates):
-        path = os.path.join(folder, name)
-        problem = checkpoint_problem(path, trainer_files)
-        if problem is None:
-            return path
-        logger.warning("Skipping %s: %s, so it is incomplete or corrupt.", path, problem)
-    return None
 
 
 class _RoundTimer(TrainerCallback):
@@ -306,10 +230,10 @@ class CADETTrainer(SFTTrainer):
             (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (corpus, "train_dataset")
         )
         prompt_column(prompt_source, args.dataset_text_field, prompt_source_name)
-        tokenizer = _tokenizer_of(processing_class)
+        tokenizer = tokenizer_of(processing_class)
         if tokenizer is not None:
             self._check_pad_token(tokenizer, args)
-            prompts, prompt_ids = self._prepare_prompts(prompt_source, prompt_source_name, tokenizer, args)
+            prompts, prompt_ids = oracle_prompts(prompt_source, prompt_source_name, tokenizer, args)
 
         if oracle_funcs is None:
             oracle_funcs = ["detoxify"]
@@ -366,7 +290,7 @@ class CADETTrainer(SFTTrainer):
         if tokenizer is None:  # loaded by SFTTrainer from the model's path
             tokenizer = self._tokenizer
             self._check_pad_token(tokenizer, args)
-            prompts, prompt_ids = self._prepare_prompts(prompt_source, prompt_source_name, tokenizer, args)
+            prompts, prompt_ids = oracle_prompts(prompt_source, prompt_source_name, tokenizer, args)
         if tokenizer.pad_token_id is None:
             # SFTTrainer sets the pad token only when it builds the data collator; sampling needs one in any case
             tokenizer.pad_token = args.pad_token or tokenizer.eos_token
@@ -486,42 +410,6 @@ class CADETTrainer(SFTTrainer):
                 "them. Set `pad_token` in `CADETConfig` to a token of the vocabulary, or `tokenizer.pad_token` before "
                 "building the trainer."
             )
-
-    @staticmethod
-    def _prepare_prompts(dataset, name: str, tokenizer, args: CADETConfig) -> tuple[list[Any], list[list[int]]]:
-        """The oracle phase's prompts and their token ids, checked now rather than after hours of training."""
-        column = prompt_column(dataset, args.dataset_text_field, name)
-        max_rows = None
-        if isinstance(dataset, IterableDataset):
-            max_rows = STREAMED_PROMPT_ROWS
-            logger.warning(
-                "The %s is streamed (an IterableDataset), so the oracle phase takes its prompts from its first %d rows "
-                "instead of reading the whole stream. To choose them, pass `prompt_dataset=` a `Dataset` of prompts.",
-                name,
-                max_rows,
-            )
-        prompts = extract_prompts(
-            dataset, tokenizer, args.corpus_prompt_length, args.dataset_text_field, name=name, max_rows=max_rows
-        )
-        if not prompts:
-            why = "every prompt is empty"
-            if column in ("messages", "conversations"):
-                why = "no conversation has an assistant turn to cut before"
-            raise ValueError(
-                f"No prompt for the oracle phase could be taken from the {name}'s {column!r} column: {why}. Pass "
-                "`prompt_dataset=` with a non-empty 'prompt' column."
-            )
-        prompt_ids = tokenize_prompts(prompts, tokenizer)
-        if args.max_prompt_length is not None:
-            too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_length]
-            if too_long:
-                longest = max(len(prompt_ids[i]) for i in too_long)
-                raise ValueError(
-                    f"{len(too_long)} of {len(prompt_ids)} oracle-phase prompts are longer than "
-                    f"`max_prompt_length={args.max_prompt_length}` tokens (the longest has {longest}, e.g. prompt "
-                    f"#{too_long[0]}). Raise `max_prompt_length`, or shorten or filter those prompts."
-                )
-        return prompts, prompt_ids
 
     # Rounds
 
@@ -1063,7 +951,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process's files (RNG states, weight shards) are written
         if self.args.should_save:
-            _publish(staged, final)
+            publish(staged, final)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -1100,8 +988,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
                 "satisfaction": pending.satisfaction,
             },
         }
-        with open(os.path.join(output_dir, CADET_STATE_NAME), "w") as f:
-            json.dump(state, f)
+        write_cadet_state(output_dir, state)
 
     def _resume_files(self) -> tuple[str, ...]:
         """Trainer's files a checkpoint of this run must hold to resume as it was."""
@@ -1130,8 +1017,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
                 f"Cannot resume from {checkpoint}: {problem}. Resume from an older checkpoint, or pass "
                 "`resume_from_checkpoint=True` to take the newest intact one."
             )
-        with open(state_file) as f:
-            state = json.load(f)
+        state = read_cadet_state(checkpoint)
         loaded = NADOModel.from_pretrained(os.path.join(checkpoint, NADO_DIR))
         self.nado.load_state_dict(loaded.state_dict())
         pending = state["pending"]

@@ -9,10 +9,16 @@ from typing import Any
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
+from transformers import PreTrainedTokenizerBase
 from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml
+
+from .sampling import tokenize_prompts
 
 
 logger = logging.getLogger(__name__)
+
+# A streamed prompt source may never end: the oracle phase draws its prompts from this many first rows
+STREAMED_PROMPT_ROWS = 1000
 
 
 def _last_assistant_turn(messages: list[dict]) -> int | None:
@@ -217,7 +223,6 @@ def extract_completions(
     its completions, a text corpus the `max_completion_length` tokens after its first `corpus_prompt_length` tokens.
     Rows whose chat template does not render the prompt as a prefix of the whole conversation are skipped.
     """
-    from .sampling import tokenize_prompts
 
     if isinstance(dataset, Dataset):
         order = random.Random(seed).sample(range(len(dataset)), min(count, len(dataset)))
@@ -267,3 +272,47 @@ def extract_completions(
         found.prompt_ids.append(prompt_ids)
         found.completion_ids.append(completion_ids[: min(cut, max_completion_length)])
     return found
+
+
+def tokenizer_of(processing_class) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a tokenizer or of a processor (which holds one)."""
+    if processing_class is None or isinstance(processing_class, PreTrainedTokenizerBase):
+        return processing_class
+    return getattr(processing_class, "tokenizer", None)
+
+
+def oracle_prompts(dataset, name: str, tokenizer, args) -> tuple[list[Any], list[list[int]]]:
+    """The oracle phase's prompts and their token ids (`args` is a `CADETConfig`), checked now rather than after
+    hours of training."""
+    column = prompt_column(dataset, args.dataset_text_field, name)
+    max_rows = None
+    if isinstance(dataset, IterableDataset):
+        max_rows = STREAMED_PROMPT_ROWS
+        logger.warning(
+            "The %s is streamed (an IterableDataset), so the oracle phase takes its prompts from its first %d rows "
+            "instead of reading the whole stream. To choose them, pass `prompt_dataset=` a `Dataset` of prompts.",
+            name,
+            max_rows,
+        )
+    prompts = extract_prompts(
+        dataset, tokenizer, args.corpus_prompt_length, args.dataset_text_field, name=name, max_rows=max_rows
+    )
+    if not prompts:
+        why = "every prompt is empty"
+        if column in ("messages", "conversations"):
+            why = "no conversation has an assistant turn to cut before"
+        raise ValueError(
+            f"No prompt for the oracle phase could be taken from the {name}'s {column!r} column: {why}. Pass "
+            "`prompt_dataset=` with a non-empty 'prompt' column."
+        )
+    prompt_ids = tokenize_prompts(prompts, tokenizer)
+    if args.max_prompt_length is not None:
+        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > args.max_prompt_length]
+        if too_long:
+            longest = max(len(prompt_ids[i]) for i in too_long)
+            raise ValueError(
+                f"{len(too_long)} of {len(prompt_ids)} oracle-phase prompts are longer than "
+                f"`max_prompt_length={args.max_prompt_length}` tokens (the longest has {longest}, e.g. prompt "
+                f"#{too_long[0]}). Raise `max_prompt_length`, or shorten or filter those prompts."
+            )
+    return prompts, prompt_ids
