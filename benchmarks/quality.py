@@ -280,7 +280,7 @@ def get_context(options: dict, passthrough: list[str]) -> Context:
         if options["model"] == "tiny":
             model_path = tiny_model_path(options["output_dir"])
         else:
-            from trl_cadet.demo import smollm2_path
+            from demo import smollm2_path
 
             model_path = smollm2_path()
     corpus = demo.load_corpus(demo_args, config.seed)

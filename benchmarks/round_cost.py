@@ -38,6 +38,9 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parent.parent
+# The demo's assets (`examples/demo`) and script (`examples/cadet_llama.py`), which the benchmarks build on
+if str(ROOT / "examples") not in sys.path:
+    sys.path.insert(0, str(ROOT / "examples"))
 
 # Flags that default to the demo's value (`DEMO_DEFAULTS` of examples/cadet_llama.py) and go into `CADETConfig`
 SETTINGS = (
@@ -52,8 +55,6 @@ SETTINGS = (
 
 def demo_module():
     """`examples/cadet_llama.py`, imported for its defaults and parser."""
-    if str(ROOT / "examples") not in sys.path:
-        sys.path.insert(0, str(ROOT / "examples"))
     import cadet_llama
 
     return cadet_llama
@@ -96,7 +97,7 @@ def load_model(model_name: str):
 
         tokenizer = build_tokenizer()
         return build_llama(tokenizer), tokenizer
-    from trl_cadet.demo import smollm2_path
+    from demo import smollm2_path
 
     path = smollm2_path()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
@@ -104,7 +105,7 @@ def load_model(model_name: str):
 
 def oracle_prompts(num_oracle_prompts: int, seed: int) -> list:
     """The demo corpus's oracle-phase prompts (conversational), built as `examples/cadet_llama.py` builds them."""
-    from trl_cadet.demo import DEMO_CORPUS_KWARGS, build_detox_corpus
+    from demo import DEMO_CORPUS_KWARGS, build_detox_corpus
 
     kwargs = {**DEMO_CORPUS_KWARGS, "num_oracle_prompts": num_oracle_prompts, "seed": seed}
     return list(build_detox_corpus(**kwargs)["oracle"]["prompt"])

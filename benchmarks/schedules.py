@@ -247,7 +247,7 @@ def run_model(model_name: str, args, passthrough: list[str]) -> dict:
     if model_name == "tiny":
         model_path = tiny_model_path(output_dir)
     else:
-        from trl_cadet.demo import smollm2_path
+        from demo import smollm2_path
 
         model_path = smollm2_path()
     demo_args, config, _ = configs(demo, model_name, args, passthrough, "sequential", output_dir)

@@ -20,6 +20,7 @@ import time
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))  # the demo's assets (`demo`)
 
 
 def build(model_name: str):
@@ -31,7 +32,7 @@ def build(model_name: str):
 
         tokenizer = build_tokenizer()
         return build_llama(tokenizer), tokenizer
-    from trl_cadet.demo import smollm2_path
+    from demo import smollm2_path
 
     path = smollm2_path()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)

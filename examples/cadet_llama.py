@@ -183,7 +183,7 @@ def make_parser() -> TrlParser:
 def load_corpus(demo_args: DemoArguments, seed: int):
     if demo_args.dataset_name is not None:
         return load_dataset(demo_args.dataset_name)
-    from trl_cadet.demo import build_detox_corpus
+    from demo import build_detox_corpus
 
     return build_detox_corpus(
         num_train=demo_args.num_train,
@@ -208,7 +208,7 @@ def sft_config(training_args: CADETConfig, output_dir: str) -> SFTConfig:
 def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: ModelConfig):
     model_path = model_args.model_name_or_path
     if model_path is None:
-        from trl_cadet.demo import smollm2_path
+        from demo import smollm2_path
 
         model_path = smollm2_path()
     training_args.model_init_kwargs = {
@@ -309,13 +309,23 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
     if demo_args.baselines:
         print(f"Plain SFT baseline: {os.path.join(output_dir, 'sft')}")
     print(f"Base model: {model_path}")
-    # With the evaluation's own settings, so that it gives the figures above (the CLI defaults to the literature's 25
+    # The evaluation sets and settings, so that the CLI gives the figures above (it defaults to the literature's 25
     # samples per prompt, which gives a higher expected maximum toxicity)
+    prompts_path, texts_path = write_eval_sets(eval_prompts, heldout, output_dir)
     print(
-        "Judge a saved model again: trl-cadet evaluate --model MODEL_DIR --prompts demo --texts demo "
-        f"--judges {','.join(judges)} --max_prompts {demo_args.num_eval_prompts} --num_samples "
-        f"{demo_args.eval_num_samples} --max_new_tokens {demo_args.eval_max_new_tokens} --seed {demo_args.eval_seed}"
+        f"Judge a saved model again: trl-cadet evaluate --model MODEL_DIR --prompts {prompts_path} --texts {texts_path} "
+        f"--judges {','.join(judges)} --num_samples {demo_args.eval_num_samples} "
+        f"--max_new_tokens {demo_args.eval_max_new_tokens} --seed {demo_args.eval_seed}"
     )
+
+
+def write_eval_sets(prompts: list, texts: list, output_dir: str) -> tuple[str, str]:
+    """The held-out prompts and texts of the evaluation as JSON Lines that `trl-cadet evaluate` reads."""
+    paths = os.path.join(output_dir, "eval_prompts.jsonl"), os.path.join(output_dir, "eval_texts.jsonl")
+    for path, key, items in zip(paths, ("prompt", "messages"), (prompts, texts), strict=True):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({key: item}, ensure_ascii=False) + "\n" for item in items)
+    return paths
 
 
 def model_card_section(reports: list[dict], judges: list[str], demo_args: DemoArguments) -> str:

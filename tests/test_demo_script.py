@@ -68,7 +68,6 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
 def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):
     """Every key of the shipped Llama-2-7B recipe is an option of the script, and `--config` values reach the configs
     (the GPU run itself is not part of CI; `--bf16 False --use_cpu True` only let the config validate on a CPU)."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
     from cadet_llama import make_parser
 
     recipe = os.path.join(ROOT, "examples", "recipes", "llama2_7b_qlora.yaml")

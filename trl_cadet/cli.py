@@ -74,24 +74,16 @@ def _unwrap(item: Any, keys: tuple[str, ...], path: str) -> Any:
 
 
 def load_prompts(value: str) -> list[str | list[dict[str, str]]]:
-    """Read the prompts named by `--prompts`: a `.json`/`.jsonl` file (see the module docstring), or `demo`."""
-    if value == "demo":
-        from .demo import demo_eval_sets
-
-        return demo_eval_sets()[0]
+    """Read the prompts named by `--prompts`: a `.json`/`.jsonl` file (see the module docstring)."""
     if not os.path.isfile(value):
-        raise UsageError(f"`--prompts {value}` is neither a file nor a known prompt set (`demo`). Pass a file path.")
+        raise UsageError(f"`--prompts {value}` is not a file. Pass the path of a `.json` or `.jsonl` file.")
     return [_unwrap(item, ("prompt",), value) for item in _read_items(value)]
 
 
 def load_texts(value: str) -> list[str | list[dict[str, str]]]:
-    """Read the held-out texts of `--texts`: a `.json`/`.jsonl`/`.txt` file (see the module docstring), or `demo`."""
-    if value == "demo":
-        from .demo import demo_eval_sets
-
-        return demo_eval_sets()[1]
+    """Read the held-out texts of `--texts`: a `.json`/`.jsonl`/`.txt` file (see the module docstring)."""
     if not os.path.isfile(value):
-        raise UsageError(f"`--texts {value}` is neither a file nor a known text set (`demo`). Pass a file path.")
+        raise UsageError(f"`--texts {value}` is not a file. Pass the path of a `.json`, `.jsonl` or `.txt` file.")
     return [_unwrap(item, ("text", "messages"), value) for item in _read_items(value)]
 
 
@@ -122,10 +114,8 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32"):
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Saved model folder, or a PEFT adapter folder.")
-    parser.add_argument("--prompts", help="Prompts file (.json/.jsonl), or `demo` for the demo's prompts.")
-    parser.add_argument(
-        "--texts", help="Held-out texts file (.json/.jsonl/.txt) for perplexity, or `demo` for the demo's."
-    )
+    parser.add_argument("--prompts", help="Prompts file (.json/.jsonl).")
+    parser.add_argument("--texts", help="Held-out texts file (.json/.jsonl/.txt) for perplexity.")
     parser.add_argument(
         "--judges",
         default=None,
