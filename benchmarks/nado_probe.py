@@ -85,8 +85,7 @@ def main() -> None:
     )
     from trl_cadet.oracles import load_oracle
 
-    cadet_llama = demo_module()
-    defaults = cadet_llama.DEMO_DEFAULTS
+    defaults = demo_module().DEMO_DEFAULTS
     if args.model == "smollm2":
         from demo import smollm2_path
 

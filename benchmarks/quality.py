@@ -4,10 +4,10 @@ seeds and judges.
     python benchmarks/quality.py                                  # SmolLM2-135M (offline), both budgets
     python benchmarks/quality.py --budget steps --rows base,sft,cadet
     python benchmarks/quality.py --model tiny --threads 1         # a tiny Llama: a smoke test in about a minute
-    python benchmarks/quality.py --cadet_lambda 2 --eval_num_samples 25   # any option of examples/cadet_llama.py
+    python benchmarks/quality.py --cadet_lambda 2 --eval_num_samples 25   # any option of examples/run_demo.py
     python benchmarks/quality.py --merge outputs/l8,outputs/l32 --output_dir outputs/sweep   # one table and plot
 
-Everything the demo (`examples/cadet_llama.py`) sets is taken from it: its corpus (`build_detox_corpus`), its defaults
+Everything the demo (`examples/run_demo.py`) sets is taken from it: its corpus (`build_detox_corpus`), its defaults
 (`DEMO_DEFAULTS`, parsed by its own `make_parser`, so any of its options can be added to the command line), its
 training oracle (`--oracle`, Jigsaw) and judges (`--judges`, Jigsaw and alt-profanity-check), and its evaluation
 (`evaluate_model` on the held-out prompts and conversations, `--eval_num_samples` samples each, `--eval_seed`). So
@@ -155,7 +155,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # the other options go to the demo's parser, whose names must not be taken for ours
-        epilog="Any other option is an option of examples/cadet_llama.py (DemoArguments, CADETConfig, ModelConfig), "
+        epilog="Any other option is an option of examples/run_demo.py (DemoArguments, CADETConfig, ModelConfig), "
         "e.g. --cadet_lambda 2 --eval_num_samples 25 --oracle jigsaw --judges jigsaw,profanity. See the module "
         "docstring for the rows and the budget rules.",
     )
@@ -230,7 +230,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 class Context:
     options: dict
     passthrough: list
-    demo: object  # examples/cadet_llama.py
+    demo: object  # examples/run_demo.py
     demo_args: object = None
     config: object = None  # the demo's CADETConfig, with the benchmark's defaults
     model_args: object = None

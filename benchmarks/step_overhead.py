@@ -56,7 +56,7 @@ def corpus(n: int = 64):
 
 
 def lora_config():
-    """The demo's LoRA adapters (`DEMO_DEFAULTS` of examples/cadet_llama.py)."""
+    """The demo's LoRA adapters (`DEMO_DEFAULTS` of examples/run_demo.py)."""
     from peft import LoraConfig
 
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -433,8 +433,8 @@ def test_plot_reports_puts_perplexities_an_order_apart_on_a_log_axis(tmp_path, m
 
 
 def test_the_cli_reads_back_the_evaluation_sets_the_demo_writes(tmp_path):
-    from cadet_llama import write_eval_sets
     from demo import DEMO_CORPUS_KWARGS, build_detox_corpus
+    from run_demo import write_eval_sets
 
     from trl_cadet.cli import load_prompts, load_texts
 

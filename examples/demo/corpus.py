@@ -244,5 +244,5 @@ def build_detox_corpus(
     return DatasetDict(splits)
 
 
-# What `examples/cadet_llama.py` builds with no arguments (its `DemoArguments` defaults and `seed=42`)
+# What `examples/run_demo.py` builds with no arguments (its `DemoArguments` defaults and `seed=42`)
 DEMO_CORPUS_KWARGS = {"num_train": 1200, "toxic_share": 0.3, "num_heldout": 100, "num_eval_prompts": 48, "seed": 42}
