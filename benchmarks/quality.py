@@ -879,7 +879,7 @@ def plot(rows: list[dict], output_dir: str) -> list[str]:
     except ImportError:
         print("No plot: matplotlib is not installed (it is in the `demo` extra).")
         return []
-    from trl_cadet.cli import plot_reports
+    from trl_cadet.plotting import plot_reports
 
     paths = []
     for budget in dict.fromkeys(row["budget"] for row in rows):

@@ -298,7 +298,7 @@ def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: Model
     with open(os.path.join(training_args.output_dir, "README.md"), "a") as f:  # the model card gets the figures
         f.write(model_card_section(reports, list(judges), demo_args))
     try:
-        from trl_cadet.cli import plot_reports
+        from trl_cadet.plotting import plot_reports
 
         entries = [{"label": r["label"], "lambda": r.get("lambda"), "report": r} for r in reports]
         plot_reports(entries, os.path.join(training_args.output_dir, "report.png"))

@@ -407,7 +407,7 @@ def test_cli_evaluate_and_plot(tmp_path, monkeypatch):
 def test_plot_reports_puts_perplexities_an_order_apart_on_a_log_axis(tmp_path, monkeypatch, perplexities, scale):
     import matplotlib.pyplot as plt
 
-    from trl_cadet.cli import plot_reports
+    from trl_cadet.plotting import plot_reports
 
     figures = []
     close = plt.close
@@ -464,10 +464,10 @@ def test_module_entry_point_with_peft_adapter(tmp_path, monkeypatch):
     (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "Be kind and polite."}) + "\n")
 
     output = tmp_path / "report.json"
-    argv = ["python -m trl_cadet.evaluate", "--model", str(tmp_path / "adapter"), "--texts"]
+    argv = ["python -m trl_cadet", "evaluate", "--model", str(tmp_path / "adapter"), "--texts"]
     monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path / "texts.jsonl"), "--output", str(output)])
-    with pytest.raises(SystemExit) as exit_info:  # as `python -m trl_cadet.evaluate ...`, in this process
-        runpy.run_module("trl_cadet.evaluate", run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:  # as `python -m trl_cadet evaluate ...`, in this process
+        runpy.run_module("trl_cadet", run_name="__main__")
     assert exit_info.value.code == 0
     report = json.loads(output.read_text())
     # LoRA starts as the identity, so the adapter's perplexity is the base model's
