@@ -61,11 +61,9 @@ def demo_module():
 
 
 def tiny_model_path(output_dir: str) -> str:
-    """The tiny Llama and tokenizer of tests/conftest.py, saved once under `output_dir` so that every run of a benchmark
+    """The tiny Llama and tokenizer of `tiny_llama.py`, saved once under `output_dir` so that every run of a benchmark
     loads the same weights from a path."""
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import save_tiny_llama
+    from tiny_llama import save_tiny_llama
 
     return save_tiny_llama(os.path.join(output_dir, "tiny-llama"))
 
@@ -86,14 +84,12 @@ def load_training_oracle(name: str):
 
 
 def load_model(model_name: str):
-    """(model, tokenizer): the tiny Llama and tokenizer of tests/conftest.py, or SmolLM2-135M-Instruct in float32."""
+    """(model, tokenizer): the tiny Llama and tokenizer of `tiny_llama.py`, or SmolLM2-135M-Instruct in float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_name == "tiny":
-        if str(ROOT / "tests") not in sys.path:
-            sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_llama, build_tokenizer
+        from tiny_llama import build_llama, build_tokenizer
 
         tokenizer = build_tokenizer()
         return build_llama(tokenizer), tokenizer

@@ -19,7 +19,6 @@ import tempfile
 import time
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))  # the demo's assets (`demo`)
 
 
@@ -28,7 +27,7 @@ def build(model_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_name == "tiny":
-        from conftest import build_llama, build_tokenizer
+        from tiny_llama import build_llama, build_tokenizer
 
         tokenizer = build_tokenizer()
         return build_llama(tokenizer), tokenizer
