@@ -12,7 +12,8 @@ Everything the demo (`examples/run_demo.py`) sets is taken from it: its corpus (
 training oracle (`--oracle`, Jigsaw) and judges (`--judges`, Jigsaw and alt-profanity-check), and its evaluation
 (`evaluate_model` on the held-out prompts and conversations, `--eval_num_samples` samples each, `--eval_seed`). So
 the `base`, `sft` and `cadet` rows here are the demo's rows. `--model tiny` swaps in the tiny Llama and tokenizer of
-`benchmarks/tiny_llama.py` and a small corpus (`TINY_DEFAULTS`); the demo's `--model_name_or_path` swaps in any other.
+`benchmarks/tiny_llama.py` and a small corpus (`TINY_DEFAULTS` of `quality_rows.py`); the demo's
+`--model_name_or_path` swaps in any other.
 
 Rows (`--rows` picks a subset):
 
