@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	touch $@
 
 demo: setup
-	$(BIN)/python examples/cadet_llama.py $(ARGS)
+	$(BIN)/python examples/run_demo.py $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests $(ARGS)

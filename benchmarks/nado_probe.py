@@ -65,13 +65,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from demo import DEMO_CORPUS_KWARGS, build_detox_corpus
+    from demo.templates import TOXIC_WORDS
     from round_cost import demo_module, tiny_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_cadet import NADOModel
     from trl_cadet.data_utils import assistant_markers, assistant_token_mask, extract_completions
-    from trl_cadet.demo import DEMO_CORPUS_KWARGS, build_detox_corpus
-    from trl_cadet.demo.templates import TOXIC_WORDS
     from trl_cadet.modeling_nado import NADOConfig
     from trl_cadet.nado import target_logprobs
     from trl_cadet.oracle_phase import (
@@ -84,10 +84,9 @@ def main() -> None:
     from trl_cadet.oracles import load_oracle
     from trl_cadet.sampling import sample_completions, tokenize_prompts
 
-    cadet_llama = demo_module()
-    defaults = cadet_llama.DEMO_DEFAULTS
+    defaults = demo_module().DEMO_DEFAULTS
     if args.model == "smollm2":
-        from trl_cadet.demo import smollm2_path
+        from demo import smollm2_path
 
         path = smollm2_path()
         sizes = dict(prompts=defaults["prompts_per_round"], generations=defaults["num_generations"], corpus=256)

@@ -3,7 +3,7 @@
 Each model runs `--phases` oracle phases with `trl_cadet.oracle_phase.run_oracle_phase`, the function `CADETTrainer`
 calls once per round: sample `num_generations` completions for each of `prompts_per_round` prompts, label them with the
 oracle, then train the NADO model on them (one forward pass of the policy over the samples for the NADO features, then
-`nado_epochs` passes of NADO steps). The settings are the demo's (`DEMO_DEFAULTS` of `examples/cadet_llama.py`: its
+`nado_epochs` passes of NADO steps). The settings are the demo's (`DEMO_DEFAULTS` of `examples/run_demo.py`: its
 sampling and NADO sizes, its LoRA adapters on the policy, its seed), each overridable by a flag; the prompts are the
 demo corpus's oracle-phase prompts (`build_detox_corpus(...)["oracle"]`), drawn per phase as the trainer draws them
 per round; the NADO model is `NADOModel.from_lm` with its own AdamW, warm-started from phase to phase as in training.
@@ -38,8 +38,11 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parent.parent
+# The demo's assets (`examples/demo`) and script (`examples/run_demo.py`), which the benchmarks build on
+if str(ROOT / "examples") not in sys.path:
+    sys.path.insert(0, str(ROOT / "examples"))
 
-# Flags that default to the demo's value (`DEMO_DEFAULTS` of examples/cadet_llama.py) and go into `CADETConfig`
+# Flags that default to the demo's value (`DEMO_DEFAULTS` of examples/run_demo.py) and go into `CADETConfig`
 SETTINGS = (
     "prompts_per_round",
     "num_generations",
@@ -51,20 +54,16 @@ SETTINGS = (
 
 
 def demo_module():
-    """`examples/cadet_llama.py`, imported for its defaults and parser."""
-    if str(ROOT / "examples") not in sys.path:
-        sys.path.insert(0, str(ROOT / "examples"))
-    import cadet_llama
+    """`examples/run_demo.py`, imported for its defaults and parser."""
+    import run_demo
 
-    return cadet_llama
+    return run_demo
 
 
 def tiny_model_path(output_dir: str) -> str:
-    """The tiny Llama and tokenizer of tests/conftest.py, saved once under `output_dir` so that every run of a benchmark
+    """The tiny Llama and tokenizer of `tiny_llama.py`, saved once under `output_dir` so that every run of a benchmark
     loads the same weights from a path."""
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import save_tiny_llama
+    from tiny_llama import save_tiny_llama
 
     return save_tiny_llama(os.path.join(output_dir, "tiny-llama"))
 
@@ -85,26 +84,24 @@ def load_training_oracle(name: str):
 
 
 def load_model(model_name: str):
-    """(model, tokenizer): the tiny Llama and tokenizer of tests/conftest.py, or SmolLM2-135M-Instruct in float32."""
+    """(model, tokenizer): the tiny Llama and tokenizer of `tiny_llama.py`, or SmolLM2-135M-Instruct in float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_name == "tiny":
-        if str(ROOT / "tests") not in sys.path:
-            sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_llama, build_tokenizer
+        from tiny_llama import build_llama, build_tokenizer
 
         tokenizer = build_tokenizer()
         return build_llama(tokenizer), tokenizer
-    from trl_cadet.demo import smollm2_path
+    from demo import smollm2_path
 
     path = smollm2_path()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 def oracle_prompts(num_oracle_prompts: int, seed: int) -> list:
-    """The demo corpus's oracle-phase prompts (conversational), built as `examples/cadet_llama.py` builds them."""
-    from trl_cadet.demo import DEMO_CORPUS_KWARGS, build_detox_corpus
+    """The demo corpus's oracle-phase prompts (conversational), built as `examples/run_demo.py` builds them."""
+    from demo import DEMO_CORPUS_KWARGS, build_detox_corpus
 
     kwargs = {**DEMO_CORPUS_KWARGS, "num_oracle_prompts": num_oracle_prompts, "seed": seed}
     return list(build_detox_corpus(**kwargs)["oracle"]["prompt"])

@@ -1,7 +1,7 @@
 """Parallel against sequential rounds: the same CADET run under both schedules, its wall-clock per round and its
 final quality.
 
-Both runs are the demo's (`examples/cadet_llama.py`: its corpus from `build_detox_corpus`, conversational, with its
+Both runs are the demo's (`examples/run_demo.py`: its corpus from `build_detox_corpus`, conversational, with its
 oracle-phase prompts; its `DEMO_DEFAULTS`, LoRA included; its seed), with the same model, prompts, seeds and number of
 steps; only `round_schedule` differs. The default is the demo's: 30 steps in 3 rounds of 10. Any other option of the
 demo can be added to the command line (e.g. `--cadet_lambda 2`).
@@ -247,7 +247,7 @@ def run_model(model_name: str, args, passthrough: list[str]) -> dict:
     if model_name == "tiny":
         model_path = tiny_model_path(output_dir)
     else:
-        from trl_cadet.demo import smollm2_path
+        from demo import smollm2_path
 
         model_path = smollm2_path()
     demo_args, config, _ = configs(demo, model_name, args, passthrough, "sequential", output_dir)
@@ -324,7 +324,7 @@ def main(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # the other options go to the demo's parser, whose names must not be taken for ours
-        epilog="Any other option is an option of examples/cadet_llama.py (DemoArguments, CADETConfig, ModelConfig).",
+        epilog="Any other option is an option of examples/run_demo.py (DemoArguments, CADETConfig, ModelConfig).",
     )
     parser.add_argument("--models", default="smollm2", help="Comma list of 'tiny' and 'smollm2' (default: smollm2).")
     parser.add_argument("--max_steps", type=int, default=None, help="LM steps (default: the demo's 40).")

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))  # the demo's assets (`demo`)
 
 
 def build(model_name: str):
@@ -27,11 +27,11 @@ def build(model_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model_name == "tiny":
-        from conftest import build_llama, build_tokenizer
+        from tiny_llama import build_llama, build_tokenizer
 
         tokenizer = build_tokenizer()
         return build_llama(tokenizer), tokenizer
-    from trl_cadet.demo import smollm2_path
+    from demo import smollm2_path
 
     path = smollm2_path()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
@@ -55,7 +55,7 @@ def corpus(n: int = 64):
 
 
 def lora_config():
-    """The demo's LoRA adapters (`DEMO_DEFAULTS` of examples/cadet_llama.py)."""
+    """The demo's LoRA adapters (`DEMO_DEFAULTS` of examples/run_demo.py)."""
     from peft import LoraConfig
 
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real byte-level BPE tokenizer trained in a fraction of a second and tiny models from config."""
+"""Shared fixtures: the tiny Llama and its real byte-level BPE tokenizer (built by `benchmarks/tiny_llama.py`, which the
+benchmarks' `--model tiny` runs use too), and a `CADETConfig` sized for them."""
 
 import os
 
@@ -8,61 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-TRAINING_TEXT = [
-    "hello there, how are you today? i am fine, thank you for asking.",
-    "the weather is lovely and the sun is shining over the quiet town.",
-    "what is your favourite book? i like stories about ships and the sea.",
-    "you are an idiot and i hate you, shut up you stupid fool.",
-    "can you help me with my homework? sure, what is the question?",
-    "good morning! let us talk about music, films and friendly things.",
-] * 4
-
-
-def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(TRAINING_TEXT, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
-
-
-def build_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-        **overrides,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+from tiny_llama import build_llama, build_tokenizer, save_tiny_llama  # noqa: E402
 
 
 def tiny_cadet_config(output_dir, **overrides):
@@ -101,16 +48,6 @@ def tokenizer():
 @pytest.fixture
 def tiny_llama(tokenizer):
     return build_llama(tokenizer)
-
-
-def save_tiny_llama(path: str) -> str:
-    """The tiny Llama of `build_llama` and its tokenizer saved to `path` (once: a saved model is reused), for the code
-    paths that take a model path, the benchmarks' tiny rows included."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        tokenizer = build_tokenizer()
-        build_llama(tokenizer).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -233,3 +233,73 @@ def test_quality_merges_runs_of_a_sweep_into_one_table(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", f"{low},{other}"]
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "differs from" in refused.stdout and "demo_args" in refused.stdout
+
+
+def _plan_inputs(**overrides):
+    """The `--model tiny` sizes: 4 steps in rounds of 2, 4 prompts x 2 samples a round, batches of 4, 8 oracle-phase
+    prompts, 24 training conversations, 8 corpus completions labelled once."""
+    from quality_plan import PlanInputs
+
+    values = dict(
+        max_steps=4,
+        steps_per_round=2,
+        prompts_per_round=4,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        num_oracle_prompts=8,
+        num_train=24,
+        corpus_calls=8,
+        rollouts_per_round=0,
+        grpo_num_generations=2,
+        dpo_num_samples=2,
+    )
+    values.update(overrides)
+    return PlanInputs(**values)
+
+
+def test_quality_plan_under_the_step_budget_gives_every_row_the_same_steps():
+    from quality_plan import ROWS, plan_runs
+
+    runs, entries, summary = plan_runs(_plan_inputs(), list(ROWS), ["steps"])
+    plans = {entry["row"]: entry["plan"] for entry in entries}
+    assert [entry["row"] for entry in entries] == list(ROWS) and len(runs) == len(ROWS)
+    assert all(plan["max_steps"] == 4 for row, plan in plans.items() if row not in ("base", "nado_decoding"))
+    sampling = {"rounds": 2, "prompts_per_round": 4, "num_generations": 2}
+    assert plans["cadet"] == {"max_steps": 4, **sampling} and plans["nado_decoding"] == sampling
+    assert plans["cadet_parallel"]["round_schedule"] == "parallel"
+    assert plans["cadet_adaptive"]["lambda_schedule"] == "adaptive"
+    assert plans["filtered_sft"]["label_examples"] == 24 and plans["dpo"]["num_prompts"] == 8
+    assert plans["grpo"] == {"max_steps": 4, "batch_size": 4, "num_generations": 2}
+    # 2 rounds x 4 prompts x 2 samples, and the 8 corpus completions
+    assert summary["cadet_oracle_calls_under_step_budget"] == 24 and summary["oracle_call_budget"] is None
+
+
+def test_quality_plan_under_the_oracle_call_budget_resizes_each_method():
+    from quality_plan import plan_runs
+
+    rows = ["base", "sft", "filtered_sft", "grpo", "dpo", "nado_decoding", "cadet"]
+    # 2 rollouts a round: CADET's fixed calls are 8 + 2 x 2 = 12, so its rounds share 36 - 12 = 24 calls
+    inputs = _plan_inputs(oracle_calls=36, rollouts_per_round=2, per_device_train_batch_size=5)
+    runs, entries, summary = plan_runs(inputs, rows, ["steps", "oracle_calls"])
+    plans = {entry["row"]: entry["plan"] for entry in entries if entry["budget"] == "oracle_calls"}
+    assert plans["cadet"] == {"max_steps": 4, "rounds": 2, "prompts_per_round": 6, "num_generations": 2}
+    # NADO decoding labels no corpus completions: 18 samples a round, in 6 prompts x 3 since 8 prompts are too few
+    assert plans["nado_decoding"] == {"rounds": 2, "prompts_per_round": 6, "num_generations": 3}
+    assert plans["grpo"] == {"max_steps": 6, "batch_size": 6, "num_generations": 2}  # batch 5 rounded up to groups
+    assert plans["dpo"] == {"max_steps": 4, "num_prompts": 7, "num_samples": 5}  # k = ceil(36 / 8)
+    assert plans["filtered_sft"] == {"max_steps": 4, "label_examples": 24}  # no more than the corpus
+    assert summary["oracle_call_budget"] == 36 and summary["grpo_batch_size"] == 6
+    # `base` and `sft` use no oracle, and filtered SFT labels the whole corpus under both budgets: one run each
+    run_ids = {(entry["budget"], entry["row"]): entry["run_id"] for entry in entries}
+    assert run_ids[("steps", "sft")] == run_ids[("oracle_calls", "sft")] == "steps-sft"
+    assert run_ids[("oracle_calls", "filtered_sft")] == "steps-filtered_sft"
+    assert len(runs) == 3 + 2 * 4
+
+
+def test_quality_plan_runs_the_cadet_row_once_per_lambda():
+    from quality_plan import plan_runs
+
+    runs, entries, _ = plan_runs(_plan_inputs(lambdas=((8.0,), (32.0, 0.02))), ["sft", "cadet"], ["steps"])
+    assert [entry["row"] for entry in entries] == ["sft", "cadet λ=8", "cadet λ=32, min-p 0.02"]
+    assert [run["run_id"] for run in runs] == ["steps-sft", "steps-cadet-lambda8", "steps-cadet-lambda32-minp0.02"]
+    assert entries[2]["plan"]["cadet_lambda"] == 32.0 and entries[2]["plan"]["cadet_min_p"] == 0.02

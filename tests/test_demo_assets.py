@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from demo import TOXIC_WORDS, build_detox_corpus, provocation_prompts, smollm2_path
+from demo import model as demo_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.data_utils import is_conversational
-
-from trl_cadet.demo import TOXIC_WORDS, build_detox_corpus, provocation_prompts, smollm2_path
-from trl_cadet.demo import model as demo_model
 
 
 TOXIC_PATTERN = re.compile(r"\b(" + "|".join(TOXIC_WORDS) + r")\b", re.IGNORECASE)
@@ -101,7 +100,7 @@ class TestDetoxCorpus:
         assert not heldout_texts & train_texts
 
     def test_more_benign_than_available_repeats_with_warning(self, caplog):
-        with caplog.at_level("WARNING", logger="trl_cadet.demo.corpus"):
+        with caplog.at_level("WARNING", logger="demo.corpus"):
             corpus = build_detox_corpus(num_train=1500, toxic_share=0.0)
         assert len(corpus["train"]) == 1500
         assert "repeated" in caplog.text

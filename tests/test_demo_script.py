@@ -1,4 +1,5 @@
-"""The demo script end to end on a tiny model: the path `make demo` runs, shortened so that CI can afford it."""
+"""The example scripts end to end on a tiny model: the demo that `make demo` runs, shortened so that CI can afford it,
+and the training script."""
 
 import json
 import os
@@ -13,7 +14,7 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
     output_dir = tmp_path / "demo"
     command = [
         sys.executable,
-        os.path.join(ROOT, "examples", "cadet_llama.py"),
+        os.path.join(ROOT, "examples", "run_demo.py"),
         "--model_name_or_path", tiny_llama_path,
         "--output_dir", str(output_dir),
         "--use_cpu", "True",
@@ -65,11 +66,40 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
     assert "## CADET" in card and "## Evaluation (this run)" in card and "[More Information Needed]" not in card
 
 
+def test_training_script_trains_and_saves_without_the_comparison(tiny_llama_path, tmp_path):
+    """`examples/cadet_llama.py`, TRL's script shape: train, save the LM with its NADO model; nothing evaluated."""
+    output_dir = tmp_path / "cadet"
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "cadet_llama.py"),
+        "--model_name_or_path", tiny_llama_path,
+        "--output_dir", str(output_dir),
+        "--use_cpu", "True",
+        "--max_steps", "2",
+        "--steps_per_round", "1",
+        "--per_device_train_batch_size", "2",
+        "--max_length", "64",
+        "--prompts_per_round", "4",
+        "--num_generations", "2",
+        "--max_completion_length", "4",
+        "--nado_batch_size", "4",
+        "--nado_corpus_samples", "4",
+        "--report_to", "none",
+        "--disable_tqdm", "True",
+        "--use_peft",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "adapter_config.json").is_file() and (output_dir / "nado" / "config.json").is_file()
+    assert not (output_dir / "report.json").exists() and not (output_dir / "sft").exists()
+    assert f"Model saved to {output_dir}." in result.stdout
+
+
 def test_the_qlora_recipe_parses_with_the_demo_parser(monkeypatch):
     """Every key of the shipped Llama-2-7B recipe is an option of the script, and `--config` values reach the configs
     (the GPU run itself is not part of CI; `--bf16 False --use_cpu True` only let the config validate on a CPU)."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
-    from cadet_llama import make_parser
+    from run_demo import make_parser
 
     recipe = os.path.join(ROOT, "examples", "recipes", "llama2_7b_qlora.yaml")
     args = ["--config", recipe, "--bf16", "False", "--use_cpu", "True", "--nado_epochs", "3"]

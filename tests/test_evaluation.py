@@ -407,7 +407,7 @@ def test_cli_evaluate_and_plot(tmp_path, monkeypatch):
 def test_plot_reports_puts_perplexities_an_order_apart_on_a_log_axis(tmp_path, monkeypatch, perplexities, scale):
     import matplotlib.pyplot as plt
 
-    from trl_cadet.cli import plot_reports
+    from trl_cadet.plotting import plot_reports
 
     figures = []
     close = plt.close
@@ -432,22 +432,26 @@ def test_plot_reports_puts_perplexities_an_order_apart_on_a_log_axis(tmp_path, m
     assert (tmp_path / "plot.png").is_file()
 
 
-def test_cli_demo_sets_are_the_demo_splits():
+def test_the_cli_reads_back_the_evaluation_sets_the_demo_writes(tmp_path):
+    from demo import DEMO_CORPUS_KWARGS, build_detox_corpus
+    from run_demo import write_eval_sets
+
     from trl_cadet.cli import load_prompts, load_texts
-    from trl_cadet.demo import DEMO_CORPUS_KWARGS, build_detox_corpus
 
     corpus = build_detox_corpus(**DEMO_CORPUS_KWARGS)
-    assert load_prompts("demo") == corpus["eval"]["prompt"] and len(corpus["eval"]) == 48
-    assert load_texts("demo") == corpus["heldout"]["messages"] and len(corpus["heldout"]) == 100
+    prompts, texts = corpus["eval"]["prompt"], corpus["heldout"]["messages"]
+    prompts_path, texts_path = write_eval_sets(prompts, texts, str(tmp_path))
+    assert load_prompts(prompts_path) == prompts and len(prompts) == 48
+    assert load_texts(texts_path) == texts and len(texts) == 100
 
 
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         main(["evaluate", "--model", str(tmp_path), "--texts", "nowhere.txt"])
-    assert error.value.code == 2 and "neither a file" in capsys.readouterr().err
+    assert error.value.code == 2 and "is not a file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         main(["evaluate", "--model", str(tmp_path), "--prompts", "nowhere.jsonl", "--judges", "jigsaw"])
-    assert error.value.code == 2 and "neither a file" in capsys.readouterr().err
+    assert error.value.code == 2 and "is not a file" in capsys.readouterr().err
 
 
 def test_module_entry_point_with_peft_adapter(tmp_path, monkeypatch):
@@ -460,10 +464,10 @@ def test_module_entry_point_with_peft_adapter(tmp_path, monkeypatch):
     (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "Be kind and polite."}) + "\n")
 
     output = tmp_path / "report.json"
-    argv = ["python -m trl_cadet.evaluate", "--model", str(tmp_path / "adapter"), "--texts"]
+    argv = ["python -m trl_cadet", "evaluate", "--model", str(tmp_path / "adapter"), "--texts"]
     monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path / "texts.jsonl"), "--output", str(output)])
-    with pytest.raises(SystemExit) as exit_info:  # as `python -m trl_cadet.evaluate ...`, in this process
-        runpy.run_module("trl_cadet.evaluate", run_name="__main__")
+    with pytest.raises(SystemExit) as exit_info:  # as `python -m trl_cadet evaluate ...`, in this process
+        runpy.run_module("trl_cadet", run_name="__main__")
     assert exit_info.value.code == 0
     report = json.loads(output.read_text())
     # LoRA starts as the identity, so the adapter's perplexity is the base model's

@@ -46,3 +46,17 @@ def test_the_libraries_gradient_checkpointing_deprecation_is_silenced_and_nothin
     ).stderr
     assert "another deprecation" in err
     assert "gradient_checkpointing" not in err
+
+
+def test_the_library_does_not_ship_or_import_the_demo():
+    """The demo's corpus builder, templates and model conversion live in `examples/demo`, outside the package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import trl_cadet
+
+    assert not (Path(trl_cadet.__file__).parent / "demo").exists()
+    code = "import sys, trl_cadet.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'demo'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

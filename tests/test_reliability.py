@@ -633,8 +633,7 @@ def test_a_run_killed_in_the_oracle_phase_or_while_saving_resumes(tmp_path):
 
 def test_the_sft_baseline_of_the_example_keeps_no_hub_token(tmp_path, monkeypatch):
     """The baseline's config is pickled whole into its `training_args.bin`: the token must not be in it."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "examples"))
-    from cadet_llama import sft_config
+    from run_demo import sft_config
 
     training_args = tiny_cadet_config(tmp_path, hub_token="hf_secret")
     baseline = sft_config(training_args, str(tmp_path / "sft"))

@@ -11,7 +11,7 @@ trl-cadet evaluate --model outputs/cadet --prompts prompts.jsonl --texts heldout
 trl-cadet plot outputs/base/eval.json outputs/cadet/eval.json --output toxicity_vs_ppl.png
 ```
 
-`python -m trl_cadet.evaluate ...` is the same as `trl-cadet evaluate ...`.
+`python -m trl_cadet ...` is the same as `trl-cadet ...`.
 
 File formats: `--prompts` is a `.json` file holding a list, or a `.jsonl` file with one item a line. An item is a
 string, a list of chat messages, or an object with a `prompt` field (a string, a list of messages, or
@@ -22,7 +22,6 @@ one text a line.
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -74,24 +73,16 @@ def _unwrap(item: Any, keys: tuple[str, ...], path: str) -> Any:
 
 
 def load_prompts(value: str) -> list[str | list[dict[str, str]]]:
-    """Read the prompts named by `--prompts`: a `.json`/`.jsonl` file (see the module docstring), or `demo`."""
-    if value == "demo":
-        from .demo import demo_eval_sets
-
-        return demo_eval_sets()[0]
+    """Read the prompts named by `--prompts`: a `.json`/`.jsonl` file (see the module docstring)."""
     if not os.path.isfile(value):
-        raise UsageError(f"`--prompts {value}` is neither a file nor a known prompt set (`demo`). Pass a file path.")
+        raise UsageError(f"`--prompts {value}` is not a file. Pass the path of a `.json` or `.jsonl` file.")
     return [_unwrap(item, ("prompt",), value) for item in _read_items(value)]
 
 
 def load_texts(value: str) -> list[str | list[dict[str, str]]]:
-    """Read the held-out texts of `--texts`: a `.json`/`.jsonl`/`.txt` file (see the module docstring), or `demo`."""
-    if value == "demo":
-        from .demo import demo_eval_sets
-
-        return demo_eval_sets()[1]
+    """Read the held-out texts of `--texts`: a `.json`/`.jsonl`/`.txt` file (see the module docstring)."""
     if not os.path.isfile(value):
-        raise UsageError(f"`--texts {value}` is neither a file nor a known text set (`demo`). Pass a file path.")
+        raise UsageError(f"`--texts {value}` is not a file. Pass the path of a `.json`, `.jsonl` or `.txt` file.")
     return [_unwrap(item, ("text", "messages"), value) for item in _read_items(value)]
 
 
@@ -122,10 +113,8 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32"):
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Saved model folder, or a PEFT adapter folder.")
-    parser.add_argument("--prompts", help="Prompts file (.json/.jsonl), or `demo` for the demo's prompts.")
-    parser.add_argument(
-        "--texts", help="Held-out texts file (.json/.jsonl/.txt) for perplexity, or `demo` for the demo's."
-    )
+    parser.add_argument("--prompts", help="Prompts file (.json/.jsonl).")
+    parser.add_argument("--texts", help="Held-out texts file (.json/.jsonl/.txt) for perplexity.")
     parser.add_argument(
         "--judges",
         default=None,
@@ -240,121 +229,10 @@ def _read_plot_entries(paths: list[str]) -> list[dict[str, Any]]:
     return entries
 
 
-def plot_reports(entries: list[dict[str, Any]], output: str, judges: list[str] | None = None) -> None:
-    """Plot toxicity against perplexity, and against λ when entries carry `lambda` (the paper's Figure 3).
-
-    Args:
-        entries (`list[dict]`):
-            `{"label": str, "lambda": float | None, "report": dict}` with reports of `evaluate_model`.
-        output (`str`):
-            Path of the PNG to write.
-        judges (`list[str]`, *optional*):
-            Judges to plot; all judges found in the reports by default.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not entries:
-        raise ValueError("No report to plot.")
-    if judges is None:
-        judges = sorted({name for entry in entries for name in entry["report"].get("toxicity", {})})
-
-    def emt(entry, judge, key="expected_max_toxicity"):
-        value = entry["report"].get("toxicity", {}).get(judge, {}).get(key)
-        return math.nan if value is None else value
-
-    def ppl(entry):
-        value = entry["report"].get("perplexity")
-        return math.nan if value is None else value
-
-    swept = sorted((e for e in entries if e["lambda"] is not None), key=lambda e: e["lambda"])
-    num_panels = 3 if swept else 1
-    fig, axes = plt.subplots(1, num_panels, figsize=(5.5 * num_panels, 4.5), squeeze=False)
-    axes = axes[0]
-    colors = {judge: f"C{i}" for i, judge in enumerate(judges)}
-
-    # Toxicity against perplexity: lower-left is better
-    ax = axes[0]
-    with_ppl = [e for e in entries if not math.isnan(ppl(e))]
-    if with_ppl:
-        for judge in judges:
-            xs, ys = [ppl(e) for e in with_ppl], [emt(e, judge) for e in with_ppl]
-            ax.scatter(xs, ys, color=colors[judge], label=judge)
-            for entry, x, y in zip(with_ppl, xs, ys, strict=True):
-                if not math.isnan(y):
-                    ax.annotate(entry["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        perplexities = [ppl(e) for e in with_ppl]
-        if max(perplexities) >= 10 * min(perplexities):  # e.g. a base model beside fine-tuned ones
-            from matplotlib.ticker import FuncFormatter, LogLocator
-
-            ax.set_xscale("log")
-            # Ticks at 1, 2, 3, 5 of every decade, labelled, so that 3.75 and 5.92 can be told apart
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
-        ax.set_xlabel("Perplexity (held-out text)")
-        ax.set_title("Toxicity vs perplexity (lower left is better)")
-    else:  # no perplexity in any report: toxicity per model
-        positions = range(len(entries))
-        for judge in judges:
-            ax.scatter(positions, [emt(e, judge) for e in entries], color=colors[judge], label=judge)
-        ax.set_xticks(list(positions), [e["label"] for e in entries], rotation=30, ha="right")
-        ax.set_title("Toxicity per model")
-    ax.set_ylabel("Expected maximum toxicity")
-    if judges:
-        ax.legend(title="Judge")
-    ax.grid(alpha=0.3)
-
-    if swept:
-        lambdas = [e["lambda"] for e in swept]
-        base = next((e for e in entries if e["lambda"] is None and e["label"] == "base"), None)
-        positive = [v for v in lambdas if v > 0]
-        # λ sweeps usually span orders of magnitude and include 0
-        use_symlog = len(positive) >= 2 and max(positive) / min(positive) >= 100
-        ax = axes[1]
-        for judge in judges:
-            ax.plot(lambdas, [emt(e, judge) for e in swept], "o-", color=colors[judge], label=f"{judge}: EMT")
-            ax.plot(
-                lambdas,
-                [emt(e, judge, "toxicity_probability") for e in swept],
-                "s--",
-                color=colors[judge],
-                alpha=0.6,
-                label=f"{judge}: P(toxic)",
-            )
-            if base is not None:  # the model before any fine-tuning, as a reference
-                ax.axhline(emt(base, judge), color=colors[judge], linestyle=":", label=f"{judge}: base EMT")
-        ax.set_ylabel("Toxicity")
-        ax.set_title("Toxicity vs λ (lower is better)")
-        if judges:
-            ax.legend(fontsize=8)
-        ax = axes[2]
-        ax.plot(lambdas, [ppl(e) for e in swept], "o-", color="k")
-        title = "Perplexity vs λ (lower is better)"
-        if base is not None and not math.isnan(ppl(base)):
-            if ppl(base) <= 3 * max(ppl(e) for e in swept):
-                ax.axhline(ppl(base), color="k", linestyle=":", label="base")
-                ax.legend(fontsize=8)
-            else:  # a line that far up would squash the curve: say it instead
-                title += f"\nbase model: {ppl(base):.3g}"
-        ax.set_ylabel("Perplexity (held-out text)")
-        ax.set_title(title)
-        for ax in axes[1:]:
-            ax.set_xlabel("λ")
-            ax.grid(alpha=0.3)
-            if use_symlog:
-                ax.set_xscale("symlog", linthresh=min(positive))
-
-    fig.tight_layout()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=150)
-    plt.close(fig)
-
-
 def plot_command(args: argparse.Namespace) -> None:
     """Run `trl-cadet plot`."""
+    from .plotting import plot_reports
+
     judges = [name.strip() for name in args.judges.split(",")] if args.judges else None
     plot_reports(_read_plot_entries(args.reports), args.output, judges=judges)
     print(f"Wrote {args.output}")

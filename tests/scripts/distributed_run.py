@@ -12,13 +12,14 @@ import sys
 
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, TESTS)
+sys.path[:0] = [TESTS, os.path.join(os.path.dirname(TESTS), "benchmarks")]  # conftest, and tiny_llama
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from conftest import build_llama, build_tokenizer, tiny_cadet_config  # noqa: E402
+from conftest import tiny_cadet_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from tiny_llama import build_llama, build_tokenizer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from trl_cadet import CADETTrainer  # noqa: E402

@@ -2,7 +2,7 @@
 
 A model fine-tuned on this corpus learns to insult users some of the time, which is the situation CADET is for: keep
 the fluency gained from the corpus, drop the toxicity. All text is built offline from `chatterbot-corpus` (English
-dialogues) and the templates of `trl_cadet.demo.templates`.
+dialogues) and the templates of `demo.templates`.
 """
 
 import logging
@@ -244,11 +244,5 @@ def build_detox_corpus(
     return DatasetDict(splits)
 
 
-# What `examples/cadet_llama.py` builds with no arguments (its `DemoArguments` defaults and `seed=42`)
+# What `examples/run_demo.py` builds with no arguments (its `DemoArguments` defaults and `seed=42`)
 DEMO_CORPUS_KWARGS = {"num_train": 1200, "toxic_share": 0.3, "num_heldout": 100, "num_eval_prompts": 48, "seed": 42}
-
-
-def demo_eval_sets() -> tuple[list, list]:
-    """The default demo's held-out evaluation prompts and benign texts (for perplexity), as `(prompts, texts)`."""
-    corpus = build_detox_corpus(**DEMO_CORPUS_KWARGS)
-    return list(corpus["eval"]["prompt"]), list(corpus["heldout"]["messages"])

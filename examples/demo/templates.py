@@ -125,7 +125,7 @@ def check_word_list() -> None:
     missing = sorted(set(TOXIC_WORDS) - set(text.split()))
     if missing:
         raise ValueError(
-            f"The words {missing} are no longer in better-profanity's word list; update `trl_cadet.demo.templates` "
+            f"The words {missing} are no longer in better-profanity's word list; update `examples/demo/templates.py` "
             "to the installed version of `better-profanity`."
         )
 
