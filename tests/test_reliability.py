@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -458,8 +457,8 @@ def test_resume_with_a_background_phase_in_flight(tokenizer, tmp_path):
     class Record(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:  # checkpoint-3 is saved right after this
-                pending = self.trainer._pending
-                in_flight["at_save"] = isinstance(pending, Future) and not pending.done()
+                running = self.trainer._running_phase
+                in_flight["at_save"] = running is not None and not running.done()
 
     record = Record()
     run = dict(oracle=slow, save_steps=3, callbacks=[record], on_built=lambda t: setattr(record, "trainer", t))

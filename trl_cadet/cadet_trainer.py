@@ -388,7 +388,10 @@ class CADETTrainer(SFTTrainer):
         self._latest_samples = Samples()
         self._corpus_samples: Samples | None = None  # the labelled corpus completions, once the first phase ran
         self._rollout_prefixes: RolloutPrefixes | None = None  # where corpus-prefix rollouts start, found then too
-        self._pending: Future | PhaseResult | None = None
+        # The oracle phase whose NADO model is not installed yet: running in the background (parallel schedule), or
+        # finished (waited for at a checkpoint, which saves it as it is, or restored from one)
+        self._running_phase: Future | None = None
+        self._finished_phase: PhaseResult | None = None
         self._stop_phase = threading.Event()  # set when training stops early, to end a background phase promptly
         self._snapshot: PreTrainedModel | None = None
         self._round_started_at: float | None = None
@@ -579,7 +582,7 @@ class CADETTrainer(SFTTrainer):
         self._round_started_at = now
         self.current_round = round_index
 
-        if self.args.round_schedule == "sequential" or self.nado_source_round is None:
+        if self.args.round_schedule == "sequential" or not self._has_nado:
             # Sequential, and the first round of the parallel schedule: O_k on the current policy, then F_k
             self._finish_pending_phase(install=True)
             with unwrap_model_for_generation(
@@ -594,7 +597,7 @@ class CADETTrainer(SFTTrainer):
             # current policy in the background while F_k runs with the NADO of round k-1
             self._finish_pending_phase(install=True)
             snapshot = self._snapshot_policy()
-            self._pending = self._executor.submit(self._oracle_phase, snapshot, round_index, None)
+            self._running_phase = self._executor.submit(self._oracle_phase, snapshot, round_index, None)
         blocked = time.perf_counter() - now
         self._round_blocking += blocked
         self.oracle_blocking_s += blocked
@@ -607,20 +610,50 @@ class CADETTrainer(SFTTrainer):
         )
         return self._snapshot
 
+    @property
+    def _has_nado(self) -> bool:
+        """Whether an oracle phase has installed its NADO model; before the first, the regulariser is off."""
+        return self.nado_source_round is not None
+
     def _finish_pending_phase(self, install: bool) -> None:
-        """Wait for the background oracle phase, if any; install its NADO when `install`, else keep it pending."""
-        if isinstance(self._pending, Future):
-            self._pending = self._pending.result()
-        if install and self._pending is not None:
-            result, self._pending = self._pending, None
+        """Wait for the background oracle phase, if one runs; install the finished phase's NADO model when `install`,
+        else keep it finished and not installed."""
+        if self._running_phase is not None:
+            self._finished_phase = self._running_phase.result()
+            self._running_phase = None
+        if install and self._finished_phase is not None:
+            result, self._finished_phase = self._finished_phase, None
             self._install(result)
 
     def _install(self, result: PhaseResult) -> None:
-        """Make the NADO trained by `result`'s phase the one the regulariser uses, and update λ."""
+        """Make the NADO model trained by `result`'s phase the one the regulariser reads, count its oracle calls,
+        update λ and log the phase."""
+        if not self._has_nado:
+            self._check_first_phase(result)
         if self._nado_train is not self.nado:
             self.nado.load_state_dict(self._nado_train.state_dict())
-        if result.satisfaction is None and self.nado_source_round is None:
-            # Retrying and dropping is for a judge that fails now and then; one that has never answered is broken
+        self.nado_source_round = result.round
+        self.oracle_calls += (
+            len(result.samples)
+            + int(result.metrics.get("oracle/dropped", 0))
+            + int(result.metrics.get("oracle/rollouts", 0))
+        )
+        self._latest_samples = result.samples
+        self._warn_about_labels(result)
+        if self.args.lambda_schedule == "adaptive" and result.satisfaction is not None:
+            self.cadet_lambda = adaptive_lambda(
+                self.cadet_lambda, result.satisfaction, self.args.target_satisfaction, self.args.lambda_lr
+            )
+        for key, value in result.metrics.items():
+            self._metrics["train"][key].append(value)
+        self._metrics["train"]["round"].append(float(result.round))
+        self._metrics["train"]["oracle/calls"].append(float(self.oracle_calls))
+
+    @staticmethod
+    def _check_first_phase(result: PhaseResult) -> None:
+        """Stop training if the first oracle phase labelled nothing: retrying and dropping is for a judge that fails now
+        and then; one that has never answered is broken."""
+        if result.satisfaction is None:
             why = (
                 f"the oracles raised, timed out or returned malformed scores on every attempt: "
                 f"{'; '.join(dict.fromkeys(result.errors))}"
@@ -634,13 +667,10 @@ class CADETTrainer(SFTTrainer):
                 "check it) or make the judge reachable; failures later in training are retried "
                 "(`oracle_max_retries`), then their samples are dropped and counted in `oracle/dropped`."
             )
-        self.nado_source_round = result.round
-        self.oracle_calls += (
-            len(result.samples)
-            + int(result.metrics.get("oracle/dropped", 0))
-            + int(result.metrics.get("oracle/rollouts", 0))
-        )
-        self._latest_samples = result.samples
+
+    @staticmethod
+    def _warn_about_labels(result: PhaseResult) -> None:
+        """Warn about a phase whose samples cannot teach the NADO model anything."""
         if result.satisfaction is None:
             logger.warning(
                 "Every sample of the oracle phase of round %d was dropped (the oracles returned None/NaN or failed); "
@@ -655,14 +685,6 @@ class CADETTrainer(SFTTrainer):
                 result.round,
                 result.samples.labels[0],
             )
-        if self.args.lambda_schedule == "adaptive" and result.satisfaction is not None:
-            self.cadet_lambda = adaptive_lambda(
-                self.cadet_lambda, result.satisfaction, self.args.target_satisfaction, self.args.lambda_lr
-            )
-        for key, value in result.metrics.items():
-            self._metrics["train"][key].append(value)
-        self._metrics["train"]["round"].append(float(result.round))
-        self._metrics["train"]["oracle/calls"].append(float(self.oracle_calls))
 
     # Loss
 
@@ -707,7 +729,7 @@ class CADETTrainer(SFTTrainer):
         positions = self.args.regularized_positions
         lam = self.cadet_lambda
         kl = torch.zeros((), device=logits.device)
-        if positions in ("corpus", "both") and self.nado_source_round is not None:
+        if positions in ("corpus", "both") and self._has_nado:
             hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
             embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
             with torch.no_grad():
@@ -964,7 +986,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
 
     def _save_cadet_state(self, output_dir: str) -> None:
         torch.save(self.nado_optimizer.state_dict(), os.path.join(output_dir, NADO_OPTIMIZER_NAME))
-        pending = self._pending
+        pending = self._finished_phase  # a running phase was waited for by `_save_checkpoint`
         if pending is not None:
             self._nado_train.save_pretrained(os.path.join(output_dir, PENDING_NADO_DIR))
         state = {
@@ -1024,7 +1046,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
         if pending is not None:
             trained = NADOModel.from_pretrained(os.path.join(checkpoint, PENDING_NADO_DIR))
             self._nado_train.load_state_dict(trained.state_dict())
-            self._pending = PhaseResult(
+            self._finished_phase = PhaseResult(
                 round=pending["round"],
                 samples=Samples(**pending["samples"]),
                 metrics=pending["metrics"],
@@ -1108,11 +1130,11 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
             self._stop_phase.set()
             raise
         finally:
-            if isinstance(self._pending, Future):
+            if self._running_phase is not None:
                 # Never leave a thread writing into the NADO model behind
                 if not stopping:
-                    self._pending.result()
+                    self._running_phase.result()
                 else:
-                    wait([self._pending])
-                    if isinstance(self._pending.exception(), OraclePhaseStopped):
-                        self._pending = None
+                    wait([self._running_phase])
+                    if isinstance(self._running_phase.exception(), OraclePhaseStopped):
+                        self._running_phase = None
