@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -542,8 +542,7 @@ class CADETTrainer(SFTTrainer):
             # Each process trained its copy on the same samples; make the copies bitwise identical whatever the
             # kernels' non-determinism (one LM-head-sized broadcast per round)
             with torch.no_grad():
-                for tensor in self._nado_train.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
+                broadcast(list(self._nado_train.state_dict().values()), from_process=0)
         return result
 
     def _end_last_round(self) -> None:
