@@ -1,6 +1,8 @@
 """NADO training on cached features gives the loss of the plain formulation: the policy's forward pass on the
 right-padded prompt + completion batch, `nado_loss` over every position."""
 
+import types
+
 import pytest
 import torch
 
@@ -160,6 +162,13 @@ def test_the_parallel_snapshot_runs_its_own_weights_under_sftrainers_fused_head(
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     torch.testing.assert_close(after, unpatched, rtol=0, atol=0)
     assert generated.shape == (1, 8)
-    # The snapshot keeps the patch itself (its fused head still works) and it now refers to the snapshot
+    # The snapshot keeps the patch itself (its fused head still works), bound to the snapshot, not to a hidden third
+    # copy of the model; a later round's refresh reaches the weights it runs
+    assert snapshot.forward.__self__ is snapshot
+    inner = [cell.cell_contents for cell in snapshot.forward.__func__.__closure__]
+    assert [m.__self__ for m in inner if isinstance(m, types.MethodType)] == [snapshot]  # the original forward's
     fused = snapshot(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
     assert torch.isfinite(fused.loss)
+    with torch.no_grad():
+        snapshot_policy(policy, "cpu", snapshot)
+        torch.testing.assert_close(snapshot(input_ids=input_ids).logits, policy(input_ids=input_ids).logits)

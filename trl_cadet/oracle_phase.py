@@ -136,14 +136,16 @@ def snapshot_policy(
     if snapshot is None:
         try:
             memo: dict[int, Any] = {}
+            rebuilt: dict[int, types.FunctionType] = {}
             snapshot = copy.deepcopy(policy, memo)
-            for module in snapshot.modules():
+            for module in policy.modules():
                 # An instance-level `forward` (SFTTrainer's fused LM head, Accelerate's autocast) is a closure over
                 # the policy's own forward: `deepcopy` keeps functions as they are, so the copy would run the policy
-                # (and sample from the model being trained) instead of itself
-                for name, value in list(vars(module).items()):
+                # (and sample from the model being trained) instead of itself. Rebuilt from the original's, through
+                # the memo, each refers to the copy of what the original referred to
+                for name, value in vars(module).items():
                     if isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
-                        setattr(module, name, _copy_callable(value, memo))
+                        setattr(memo[id(module)], name, _copy_callable(value, memo, rebuilt))
             snapshot = snapshot.to(device)
         except Exception as error:
             raise RuntimeError(
@@ -161,35 +163,36 @@ def snapshot_policy(
     return snapshot.eval()
 
 
-def _copy_callable(value: Any, memo: dict[int, Any]) -> Any:
-    """`value` as `copy.deepcopy(value, memo)` would give it if it copied functions: a function is rebuilt with a
-    closure whose contents are copied through `memo`, so that a closure over the original model refers to its copy."""
-    if id(value) in memo:
-        return memo[id(value)]
+def _copy_callable(value: Any, memo: dict[int, Any], rebuilt: dict[int, types.FunctionType]) -> Any:
+    """`value` as `copy.deepcopy(value, memo)` would give it if it copied functions: a function with a closure is
+    rebuilt (once: `rebuilt`) with the closure's contents copied through `memo`, so that a closure over the original
+    model refers to its copy. A bound method is rebound to the copy of its object, even where `memo` already holds a
+    copy of the method (the one `deepcopy` made, which calls the original function)."""
     if isinstance(value, types.MethodType):
-        return types.MethodType(_copy_callable(value.__func__, memo), copy.deepcopy(value.__self__, memo))
+        return types.MethodType(_copy_callable(value.__func__, memo, rebuilt), copy.deepcopy(value.__self__, memo))
     if isinstance(value, functools.partial):
         copied = functools.partial(
-            _copy_callable(value.func, memo),
-            *(_copy_callable(arg, memo) for arg in value.args),
-            **{key: _copy_callable(arg, memo) for key, arg in value.keywords.items()},
+            _copy_callable(value.func, memo, rebuilt),
+            *(_copy_callable(arg, memo, rebuilt) for arg in value.args),
+            **{key: _copy_callable(arg, memo, rebuilt) for key, arg in value.keywords.items()},
         )
         copied.__dict__.update(value.__dict__)
-        memo[id(value)] = copied
         return copied
     if not isinstance(value, types.FunctionType):
         return copy.deepcopy(value, memo)
     if not value.__closure__:
         return value
+    if id(value) in rebuilt:
+        return rebuilt[id(value)]
     cells = tuple(types.CellType() for _ in value.__closure__)
     function = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, cells)
-    memo[id(value)] = function  # before the contents, which may refer back to the function
+    rebuilt[id(value)] = function  # before the contents, which may refer back to the function
     for cell, original in zip(cells, value.__closure__, strict=True):
         try:
             contents = original.cell_contents
         except ValueError:  # a cell not filled yet
             continue
-        cell.cell_contents = _copy_callable(contents, memo)
+        cell.cell_contents = _copy_callable(contents, memo, rebuilt)
     function.__kwdefaults__ = value.__kwdefaults__
     function.__qualname__ = value.__qualname__
     function.__dict__.update(value.__dict__)  # `functools.wraps`' `__wrapped__`, which `generate` reads
