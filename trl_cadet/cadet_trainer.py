@@ -69,6 +69,7 @@ from .oracle_phase import (
 from .oracles.base import OraclePhaseStopped, oracle_name
 from .oracles.registry import load_oracle
 from .progress import RoundProgressCallback
+from .sampling import end_token_ids
 from .trainability import NoGradientWarning, keep_4bit_layers_trainable
 
 
@@ -399,6 +400,7 @@ class CADETTrainer(SFTTrainer):
         # Seconds oracle phases held training up in this process: in all, and at the start of the latest round
         self.oracle_blocking_s, self.last_oracle_blocking_s = 0.0, 0.0
         self._head_gives_logits: bool | None = None  # decided on the first batch, see `_trained_logits`
+        self._neutral_end_ids: torch.Tensor | None = None  # see `_neutral_tokens`
         self.add_callback(_RoundTimer(self))
         # Trainer's progress bar estimates the time left from its recent steps, oracle phase included
         if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
@@ -859,17 +861,17 @@ class CADETTrainer(SFTTrainer):
         )
 
     def _neutral_tokens(self, device) -> torch.Tensor | None:
-        """The tokens the regulariser's target leaves at p (`cadet_neutral_end`): the end-of-turn token of the chat
-        template and the end-of-sequence tokens of the tokenizer and the model's generation config."""
+        """The tokens the regulariser's target leaves at p (`cadet_neutral_end`): the tokens that end a sampled
+        completion (`end_token_ids`) and the chat template's end-of-turn token. Built once, on the device of the
+        logits."""
         if not self.args.cadet_neutral_end:
             return None
-        ends = {self._tokenizer.eos_token_id}
-        generation_config = getattr(self.accelerator.unwrap_model(self.model), "generation_config", None)
-        eos = getattr(generation_config, "eos_token_id", None)
-        ends.update(eos if isinstance(eos, list) else [eos])
-        if self._assistant_markers is not None:
-            ends.add(self._assistant_markers.end)
-        return torch.tensor(sorted(e for e in ends if e is not None), dtype=torch.long, device=device)
+        if self._neutral_end_ids is None or self._neutral_end_ids.device != device:
+            ends = set(end_token_ids(self.accelerator.unwrap_model(self.model), self._tokenizer))
+            if self._assistant_markers is not None:
+                ends.add(self._assistant_markers.end)
+            self._neutral_end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
+        return self._neutral_end_ids
 
     # Saving and resuming
 

@@ -61,7 +61,7 @@ def as_completions(prompts: Sequence[Any], texts: Sequence[str]) -> list[Any]:
 
 def end_token_ids(policy: PreTrainedModel, processing_class: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a completion: the EOS tokens of the model's generation config and of the tokenizer."""
-    eos = policy.generation_config.eos_token_id
+    eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
     ends = set(eos if isinstance(eos, list) else [eos])
     ends.add(processing_class.eos_token_id)
     return sorted(e for e in ends if e is not None)
