@@ -66,18 +66,24 @@ class CADETScriptArguments(ScriptArguments):
     )
 
 
-def main(script_args: CADETScriptArguments, training_args: CADETConfig, model_args: ModelConfig):
-    model_name_or_path = model_args.model_name_or_path
-    if model_name_or_path is None:
-        from demo import smollm2_path
-
-        model_name_or_path = smollm2_path()
+def resolve_model(training_args: CADETConfig, model_args: ModelConfig) -> str:
+    """The model to train (SmolLM2-135M-Instruct, offline, without `--model_name_or_path`), with `model_args`' loading
+    options put in `training_args.model_init_kwargs` (options given there win)."""
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    if model_args.model_name_or_path is not None:
+        return model_args.model_name_or_path
+    from demo import smollm2_path
+
+    return smollm2_path()
+
+
+def main(script_args: CADETScriptArguments, training_args: CADETConfig, model_args: ModelConfig):
+    model_name_or_path = resolve_model(training_args, model_args)
 
     # Load the dataset
     if script_args.dataset_name is None:

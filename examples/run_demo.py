@@ -47,6 +47,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from cadet_llama import resolve_model  # the training script beside this one
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
@@ -207,17 +208,7 @@ def sft_config(training_args: CADETConfig, output_dir: str) -> SFTConfig:
 
 
 def main(demo_args: DemoArguments, training_args: CADETConfig, model_args: ModelConfig):
-    model_path = model_args.model_name_or_path
-    if model_path is None:
-        from demo import smollm2_path
-
-        model_path = smollm2_path()
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
+    model_path = resolve_model(training_args, model_args)
     corpus = load_corpus(demo_args, training_args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     peft_config = get_peft_config(model_args)

@@ -8,6 +8,19 @@ import sys
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What both scripts train here: two steps of one round each, a few short samples
+TINY_RUN = [
+    "--use_cpu", "True",
+    "--max_steps", "2",
+    "--steps_per_round", "1",
+    "--per_device_train_batch_size", "2",
+    "--max_length", "64",
+    "--prompts_per_round", "4",
+    "--num_generations", "2",
+    "--max_completion_length", "4",
+    "--nado_batch_size", "4",
+]  # fmt: skip
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
@@ -17,16 +30,8 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
         os.path.join(ROOT, "examples", "run_demo.py"),
         "--model_name_or_path", tiny_llama_path,
         "--output_dir", str(output_dir),
-        "--use_cpu", "True",
-        "--max_steps", "2",
-        "--steps_per_round", "1",
-        "--per_device_train_batch_size", "2",
-        "--max_length", "64",
+        *TINY_RUN,
         "--logging_steps", "1",
-        "--prompts_per_round", "4",
-        "--num_generations", "2",
-        "--max_completion_length", "4",
-        "--nado_batch_size", "4",
         "--num_train", "60",
         "--num_heldout", "4",
         "--num_eval_prompts", "4",
@@ -35,8 +40,7 @@ def test_demo_script_trains_evaluates_and_reports(tiny_llama_path, tmp_path):
         "--disable_tqdm", "True",
         "--cadet_lambda", "2.5",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
     reports = json.loads((output_dir / "report.json").read_text())
@@ -74,22 +78,13 @@ def test_training_script_trains_and_saves_without_the_comparison(tiny_llama_path
         os.path.join(ROOT, "examples", "cadet_llama.py"),
         "--model_name_or_path", tiny_llama_path,
         "--output_dir", str(output_dir),
-        "--use_cpu", "True",
-        "--max_steps", "2",
-        "--steps_per_round", "1",
-        "--per_device_train_batch_size", "2",
-        "--max_length", "64",
-        "--prompts_per_round", "4",
-        "--num_generations", "2",
-        "--max_completion_length", "4",
-        "--nado_batch_size", "4",
+        *TINY_RUN,
         "--nado_corpus_samples", "4",
         "--report_to", "none",
         "--disable_tqdm", "True",
         "--use_peft",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output_dir / "adapter_config.json").is_file() and (output_dir / "nado" / "config.json").is_file()
     assert not (output_dir / "report.json").exists() and not (output_dir / "sft").exists()
