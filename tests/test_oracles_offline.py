@@ -228,3 +228,24 @@ def test_the_jigsaw_files_come_from_the_installed_package_only(tmp_path, monkeyp
     model_dir = jigsaw_model_dir()
     assert not str(model_dir).startswith(str(tmp_path))
     assert (model_dir / "tokenizer.pickle").read_bytes() != b"planted"
+
+
+def test_oracles_are_named_by_grpos_rule(tiny_llama):
+    """A function by its name, a `functools.partial` by its function's, an instance by its class, a model by its id:
+    the names of the `oracle/<name>/mean` metrics, as TRL names reward functions."""
+    import functools
+
+    from trl_cadet.oracles import oracle_name
+
+    def no_insult(prompts, completions, threshold=0.5, **kwargs):
+        return [1.0] * len(completions)
+
+    class Judge:
+        def __call__(self, prompts, completions, **kwargs):
+            return [1.0] * len(completions)
+
+    tiny_llama.config._name_or_path = "some-org/tiny-judge"
+    assert oracle_name(no_insult) == "no_insult"
+    assert oracle_name(functools.partial(no_insult, threshold=0.2)) == "no_insult"
+    assert oracle_name(tiny_llama) == "tiny-judge"
+    assert oracle_name(Judge()) == "Judge"
