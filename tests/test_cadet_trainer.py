@@ -364,6 +364,47 @@ def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama
     assert logged_metric(trainer, "cadet/kl" if positions == "corpus" else "cadet/kl_samples") > 0
 
 
+def test_omega_on_unsatisfied_samples_covers_those_only(tokenizer, tiny_llama, tmp_path):
+    """`regularized_samples="unsatisfied"`: sample Ω equals Ω over the unsatisfied samples alone, and is skipped
+    when a round has none."""
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(
+            tmp_path, regularized_positions="samples", regularized_samples="unsatisfied", samples_per_step=8
+        ),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    with torch.no_grad():  # a NADO model whose R depends on the token, so that the KL is not zero
+        for param in trainer.nado.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    trainer.nado_source_round = 0
+    trainer.model.eval()  # no dropout: the three forward passes must see the same function
+    prompts = tokenizer(["hello there"] * 4)["input_ids"]
+    completions = [[5, 6, 7], [8, 9], [10, 11], [12, 13, 14]]
+    scores = [0.9, 0.1, 0.8, 0.2]  # the second and the fourth are unsatisfied
+    trainer._latest_samples = Samples(prompts, completions, scores, scores)
+    with torch.no_grad():
+        chosen = trainer._samples_kl(trainer.model)
+        trainer.args.regularized_samples = "all"
+        trainer._latest_samples = Samples(prompts[1::2], completions[1::2], scores[1::2], scores[1::2])
+        alone = trainer._samples_kl(trainer.model)
+        trainer._latest_samples = Samples(prompts, completions, scores, scores)
+        everything = trainer._samples_kl(trainer.model)
+    torch.testing.assert_close(chosen, alone)
+    assert chosen > 0 and not torch.allclose(chosen, everything)
+
+    trainer.args.regularized_samples = "unsatisfied"
+    trainer._latest_samples = Samples(prompts[::2], completions[::2], scores[::2], scores[::2])
+    assert trainer._samples_kl(trainer.model) is None
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.compute_loss(trainer.model, batch)
+    assert "cadet/kl_samples" not in trainer._metrics["train"]
+
+
 def logged_metric(trainer, key):
     return trainer._metrics["train"][key][-1]
 

@@ -143,6 +143,13 @@ class CADETConfig(SFTConfig):
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
             of the latest oracle samples, one extra forward pass per step) or `"both"`.
+        regularized_samples (`str`, *optional*, defaults to `"all"`):
+            Which oracle samples Ω covers when `regularized_positions` includes them: `"all"`, or `"unsatisfied"`
+            (those scored below `oracle_threshold`: the contexts where the policy itself went wrong; none in a round
+            leaves the step without sample Ω).
+        samples_per_step (`int` or `None`, *optional*):
+            Oracle samples in the extra forward pass of each step when Ω covers samples. Defaults to
+            `per_device_train_batch_size`.
 
         > Parameters that control the rounds
 
@@ -345,6 +352,21 @@ class CADETConfig(SFTConfig):
             "choices": ["corpus", "samples", "both"],
         },
     )
+    regularized_samples: str = field(
+        default="all",
+        metadata={
+            "help": "Which oracle samples Ω covers when `regularized_positions` includes them: 'all', or "
+            "'unsatisfied' (scored below `oracle_threshold`).",
+            "choices": ["all", "unsatisfied"],
+        },
+    )
+    samples_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Oracle samples in the extra forward pass of each step when Ω covers samples. Defaults to "
+            "`per_device_train_batch_size`."
+        },
+    )
 
     # Parameters that control the rounds
     steps_per_round: int = field(
@@ -369,6 +391,7 @@ class CADETConfig(SFTConfig):
             "oracle_labels": ("hard", "soft"),
             "lambda_schedule": ("constant", "adaptive"),
             "regularized_positions": ("corpus", "samples", "both"),
+            "regularized_samples": ("all", "unsatisfied"),
             "round_schedule": ("sequential", "parallel"),
             "nado_head": ("tied", "full"),
         }
@@ -390,6 +413,8 @@ class CADETConfig(SFTConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.samples_per_step is not None and self.samples_per_step < 1:
+            raise ValueError(f"`samples_per_step` must be at least 1 or None, got {self.samples_per_step}.")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"`max_prompt_length` must be at least 1 or None, got {self.max_prompt_length}.")
         if not 0.0 <= self.oracle_threshold <= 1.0:

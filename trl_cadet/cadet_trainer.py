@@ -757,10 +757,11 @@ class CADETTrainer(SFTTrainer):
                 loss = loss + lam * kl
         if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
             sample_kl = self._samples_kl(model)
-            if num_items_in_batch is not None:
-                sample_kl = sample_kl / self.current_gradient_accumulation_steps
-            loss = loss + lam * sample_kl
-            self._metrics[mode]["cadet/kl_samples"].append(sample_kl.item())
+            if sample_kl is not None:
+                if num_items_in_batch is not None:
+                    sample_kl = sample_kl / self.current_gradient_accumulation_steps
+                loss = loss + lam * sample_kl
+                self._metrics[mode]["cadet/kl_samples"].append(sample_kl.item())
 
         if self.aux_loss_enabled:
             # As SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
@@ -828,14 +829,19 @@ class CADETTrainer(SFTTrainer):
             )
         return outputs, logits, hidden_states, labels, mask
 
-    def _samples_kl(self, model) -> torch.Tensor:
-        """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass)."""
+    def _samples_kl(self, model) -> torch.Tensor | None:
+        """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass); `None`
+        when `regularized_samples="unsatisfied"` and the round has none."""
         samples = self._latest_samples
+        candidates = range(len(samples))
+        if self.args.regularized_samples == "unsatisfied":
+            candidates = [i for i in candidates if samples.scores[i] < self.args.oracle_threshold]
+            if not candidates:
+                return None
+        size = self.args.samples_per_step or self.args.per_device_train_batch_size
         # Every process holds all the samples: each takes its own mini-batch
         seed = self.state.global_step * self.accelerator.num_processes + self.accelerator.process_index
-        index = random.Random(seed).sample(
-            range(len(samples)), min(self.args.per_device_train_batch_size, len(samples))
-        )
+        index = random.Random(seed).sample(candidates, min(size, len(candidates)))
         batch = collate_samples(
             [samples.prompt_ids[i] for i in index],
             [samples.completion_ids[i] for i in index],
