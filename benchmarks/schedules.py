@@ -59,6 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from quality_rows import TINY_DEFAULTS as QUALITY_TINY_DEFAULTS  # noqa: E402
 from round_cost import demo_module, load_training_oracle, tiny_model_path  # noqa: E402
 
 
@@ -68,25 +69,8 @@ JUDGES = ("jigsaw", "profanity")
 
 # The demo's rounds of 10 steps, stated here so that the benchmark keeps them if the demo changes
 SMOLLM2_DEFAULTS = {"steps_per_round": 10}
-# A smoke test on the tiny Llama: a few steps, samples and evaluation prompts, short completions
-TINY_DEFAULTS = {
-    "num_train": 24,
-    "num_heldout": 8,
-    "num_oracle_prompts": 8,
-    "num_eval_prompts": 8,
-    "eval_num_samples": 2,
-    "eval_max_new_tokens": 8,
-    "max_steps": 4,
-    "steps_per_round": 2,
-    "per_device_train_batch_size": 4,
-    "max_length": 96,
-    "prompts_per_round": 4,
-    "num_generations": 2,
-    "max_completion_length": 8,
-    "generation_batch_size": 8,
-    "nado_epochs": 1,
-    "nado_batch_size": 8,
-}
+# A smoke test on the tiny Llama: the quality benchmark's options for it (`--model tiny`), with shorter samples
+TINY_DEFAULTS = {**QUALITY_TINY_DEFAULTS, "eval_max_new_tokens": 8, "max_completion_length": 8}
 # Flags of this script that set an option of the demo (DemoArguments or CADETConfig)
 DEMO_FLAGS = (
     "max_steps",

@@ -115,6 +115,10 @@ def main(script_args: CADETScriptArguments, training_args: CADETConfig, model_ar
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
 
+    # Finish the trackers and destroy the process group, as TRL's sft.py (`Trainer.end` is new in transformers 5.18)
+    if hasattr(trainer, "end"):
+        trainer.end()
+
 
 def make_parser() -> TrlParser:
     parser = TrlParser((CADETScriptArguments, CADETConfig, ModelConfig))

@@ -245,7 +245,7 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
     "schedule, positions", [("sequential", "corpus"), ("parallel", "corpus"), ("parallel", "samples")]
 )
 def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions):
-    from conftest import build_llama
+    from tiny_llama import build_llama
 
     def run(output_dir, resume=None):
         trainer = CADETTrainer(

@@ -145,7 +145,7 @@ def test_evaluation_and_the_oracle_phase_sample_through_one_path(conversational)
 def test_the_parallel_snapshot_runs_its_own_weights_under_sftrainers_fused_head(tokenizer):
     """SFTTrainer replaces the model's `forward` with a closure over the original one (its fused LM head); a plain
     `deepcopy` keeps that closure, so the snapshot would run, and sample from, the model being trained."""
-    from conftest import build_llama
+    from tiny_llama import build_llama
     from trl.trainer.utils import add_fused_lm_head
 
     policy = build_llama(tokenizer)

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_llama, build_tokenizer, tiny_cadet_config
+from conftest import tiny_cadet_config
 from datasets import Dataset, IterableDataset
 from test_cadet_trainer import BAD_WORD, corpus, logged, no_bad_word
+from tiny_llama import build_llama, build_tokenizer
 from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

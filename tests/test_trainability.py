@@ -3,8 +3,9 @@
 import logging
 
 import torch
-from conftest import build_llama, tiny_cadet_config
+from conftest import tiny_cadet_config
 from test_cadet_trainer import corpus, no_bad_word
+from tiny_llama import build_llama
 
 from trl_cadet import CADETTrainer
 from trl_cadet.trainability import keep_4bit_layers_trainable
