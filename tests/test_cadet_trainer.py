@@ -249,7 +249,8 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
 
     def run(output_dir, resume=None):
         trainer = CADETTrainer(
-            model=build_llama(tokenizer),
+            # With dropout: in the parallel schedule the background sampling must not share the training thread's RNG
+            model=build_llama(tokenizer, attention_dropout=0.2),
             oracle_funcs=no_bad_word,
             args=tiny_cadet_config(
                 output_dir,
@@ -273,7 +274,8 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
     _, losses, lambdas = run(tmp_path / "full")
     resumed, resumed_losses, resumed_lambdas = run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-3"))
     # Bit for bit, in the parallel schedule too: its background phase runs on a snapshot that shares nothing with the
-    # model being trained (with Ω on the samples, the background phase's samples enter the loss)
+    # model being trained and samples through an RNG of its own (with Ω on the samples, the background phase's samples
+    # enter the loss)
     for step in range(4, 9):
         assert resumed_losses[step] == losses[step], step
         assert resumed_lambdas[step] == lambdas[step], step

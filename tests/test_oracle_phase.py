@@ -172,3 +172,44 @@ def test_the_parallel_snapshot_runs_its_own_weights_under_sftrainers_fused_head(
     with torch.no_grad():
         snapshot_policy(policy, "cpu", snapshot)
         torch.testing.assert_close(snapshot(input_ids=input_ids).logits, policy(input_ids=input_ids).logits)
+
+
+def test_private_rng_sampling_draws_from_the_same_distribution_and_ignores_other_threads(tokenizer, tiny_llama):
+    """`private_rng=True` (the parallel schedule's background phase): the warpers of `generate` and a Gumbel-max draw
+    from a generator of the call's own. The next token follows the temperature- and top-k-warped softmax, and a thread
+    drawing from torch's global RNG meanwhile changes nothing."""
+    import threading
+
+    prompt_ids = [tokenizer("hello there")["input_ids"]]
+    temperature, top_k, draws = 0.7, 3, 3000
+    with torch.no_grad():
+        # Peaked enough that the temperature moves the top token by 0.08 and 15% of the mass is outside the top 3
+        tiny_llama.lm_head.weight.mul_(20)
+        logits = tiny_llama(torch.tensor(prompt_ids)).logits[0, -1] / temperature
+    top = logits.topk(top_k)
+    expected = torch.softmax(top.values, -1)
+    kwargs = dict(max_new_tokens=1, temperature=temperature, top_p=1.0, batch_size=1000, seed=5, top_k=top_k)
+    first = sample_completions(tiny_llama, tokenizer, prompt_ids, draws, private_rng=True, **kwargs)
+    tokens = torch.tensor([c[0] for c in first])
+    assert set(tokens.tolist()) <= set(top.indices.tolist())  # top-k applied
+    observed = torch.stack([(tokens == i).float().mean() for i in top.indices])
+    assert (observed - expected).abs().max() < 0.03, (observed, expected)  # 3 standard errors at most
+
+    stop = threading.Event()
+
+    def draw_from_the_global_rng():
+        while not stop.is_set():
+            torch.rand(16)
+
+    thread = threading.Thread(target=draw_from_the_global_rng)
+    thread.start()
+    try:
+        again = sample_completions(tiny_llama, tokenizer, prompt_ids, 8, private_rng=True, **{**kwargs, "top_k": 0})
+    finally:
+        stop.set()
+        thread.join()
+    assert again == sample_completions(
+        tiny_llama, tokenizer, prompt_ids, 8, private_rng=True, **{**kwargs, "top_k": 0}
+    )
+    with pytest.raises(ValueError, match="needs a `seed`"):
+        sample_completions(tiny_llama, tokenizer, prompt_ids, 1, private_rng=True, **{**kwargs, "seed": None})

@@ -539,6 +539,9 @@ class CADETTrainer(SFTTrainer):
             # tangle with the trainer's)
             progress=gather is not None and self.accelerator.is_main_process and not self.args.disable_tqdm,
             stop=self._stop_phase if gather is None else None,
+            # In the background, sampling must not draw from (or rewind) the RNG that the training thread's dropout
+            # uses: on CPU, torch's global generator is one for all threads
+            private_rng=gather is None,
         )
         if gather is not None and self.accelerator.num_processes > 1:
             # Each process trained its copy on the same samples; make the copies bitwise identical whatever the

@@ -545,6 +545,7 @@ def sample_rollouts(
     gather=None,
     progress: bool = False,
     stop=None,
+    private_rng: bool = False,
 ) -> Labelling:
     """Corpus-prefix rollouts: the policy continues each prefix once (up to `max_completion_length` new tokens), and
     the oracles label prefix and continuation as one completion. Where the prefix ends right before a corpus
@@ -564,6 +565,7 @@ def sample_rollouts(
         progress=progress,
         desc="Oracle phase: rollouts",
         stop=stop,
+        private_rng=private_rng,
     )
     labelling = label_samples(
         oracles,
@@ -609,6 +611,7 @@ def run_oracle_phase(
     rollout_prefixes: RolloutPrefixes | None = None,
     progress: bool = False,
     stop=None,
+    private_rng: bool = False,
 ) -> PhaseResult:
     """Sample from `policy`, label with `oracles`, and train `nado` in place. `args` is a `CADETConfig`.
 
@@ -620,7 +623,8 @@ def run_oracle_phase(
     `gather`, when given, merges the `Labelling` of all processes (each process samples its share of the prompts) so
     that every process trains the NADO model on the same data and logs the phase's global metrics. `stop`, a
     `threading.Event`, ends the phase early with `OraclePhaseStopped` once set (checked between sampling batches and
-    while waiting for the oracles).
+    while waiting for the oracles). `private_rng=True` samples through a generator of the phase's own
+    (`sample_completions`), for a phase that runs beside training.
     """
     start = time.perf_counter()
     was_training = policy.training
@@ -640,6 +644,7 @@ def run_oracle_phase(
             progress=progress,
             desc="Oracle phase: sampling",
             stop=stop,
+            private_rng=private_rng,
         )
         generated = time.perf_counter()
         labelling = label_samples(
@@ -669,7 +674,16 @@ def run_oracle_phase(
             extra_samples.extend(corpus_samples)
         if rollout_prefixes is not None:
             rollouts = sample_rollouts(
-                policy, processing_class, oracles, rollout_prefixes, args, seed + 1, gather, progress, stop
+                policy,
+                processing_class,
+                oracles,
+                rollout_prefixes,
+                args,
+                seed + 1,
+                gather,
+                progress,
+                stop,
+                private_rng,
             )
             extra_samples.extend(rollouts.samples)
             metrics["oracle/rollouts"] = float(len(rollouts.samples) + rollouts.dropped)

@@ -1,16 +1,26 @@
 """Sampling from a policy: the one path that the oracle phase, the evaluation and the benchmarks take.
 
 Prompts are tokenised as the policy sees them in training (`tokenize_prompts`), left-padded, sampled with `generate`
-under an RNG forked and seeded for the call, and cut after their first end token. `as_completions` wraps decoded
+under an RNG forked and seeded for the call (or, off the main thread, through a generator of their own), and cut after
+their first end token. `as_completions` wraps decoded
 texts as TRL's reward functions expect them, for the oracles and the judges.
 """
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.utils import pad
 
@@ -107,6 +117,20 @@ def fsdp_classes() -> tuple[type, ...]:
     return (FullyShardedDataParallel, FSDPModule)
 
 
+class GumbelSampler(LogitsProcessor):
+    """Sampling as a logits processor for greedy `generate`: adds Gumbel noise drawn from `generator`, so that the
+    argmax of the result is a draw from `softmax(scores)` (the Gumbel-max trick), and no draw touches torch's global
+    RNG. Put it after the warpers (temperature, top-k, top-p)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.rand(scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32)
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+        return scores.float() + gumbel
+
+
 @torch.no_grad()
 def sample_completions(
     policy: PreTrainedModel,
@@ -123,6 +147,7 @@ def sample_completions(
     progress: bool = False,
     desc: str = "Sampling",
     stop=None,
+    private_rng: bool = False,
 ) -> list[list[int]]:
     """`num_generations` completions per prompt (grouped by prompt), each cut after its first end token
     (`end_token_ids`).
@@ -132,13 +157,33 @@ def sample_completions(
     run samples what the uninterrupted run sampled. `temperature=0` decodes greedily; `top_k=0` turns off the top-k
     filter that transformers otherwise applies. The policy runs in eval mode and is given back in its former mode.
     `stop`, a `threading.Event`, ends sampling between batches with `OraclePhaseStopped`.
+
+    `private_rng=True` (for a thread beside training, e.g. the parallel schedule's background phase) draws from a
+    `torch.Generator` of the call's own, seeded with `seed`: greedy `generate` over the same warpers with Gumbel noise
+    added (`GumbelSampler`), the same distribution as `generate`'s sampling but other draws. On CPU, torch's global
+    generator is shared by all threads, so forking it there would interleave the draws with the training thread's
+    (dropout) and rewind that thread's generator at the end.
     """
+    if private_rng and seed is None:
+        raise ValueError("Sampling with `private_rng=True` needs a `seed`.")
     device = policy.device
     ends = end_token_ids(policy, processing_class)
     if isinstance(logits_processor, LogitsProcessor):
         logits_processor = [logits_processor]
+    logits_processor = list(logits_processor or [])
+    generator = None
     if temperature == 0:
         sampling = {"do_sample": False}
+    elif private_rng:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        # `generate`'s own warpers, in its order, then the draw; greedy decoding takes the argmax
+        logits_processor.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            logits_processor.append(TopKLogitsWarper(top_k))
+        if top_p < 1:
+            logits_processor.append(TopPLogitsWarper(top_p))
+        logits_processor.append(GumbelSampler(generator))
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
@@ -149,9 +194,14 @@ def sample_completions(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     was_training = policy.training
     policy.eval()
+    rng = (
+        contextlib.nullcontext()
+        if generator is not None
+        else torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda")
+    )
     try:
-        with torch.random.fork_rng(devices=fork_devices, device_type=device.type if device.type != "cpu" else "cuda"):
-            if seed is not None:
+        with rng:
+            if seed is not None and generator is None:
                 torch.manual_seed(seed)
             starts = range(0, len(repeated), batch_size)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
@@ -164,7 +214,7 @@ def sample_completions(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
-                    logits_processor=LogitsProcessorList(logits_processor or []),
+                    logits_processor=LogitsProcessorList(logits_processor),
                     pad_token_id=processing_class.pad_token_id,
                     eos_token_id=ends,
                     synced_gpus=synced_gpus,
