@@ -733,21 +733,21 @@ class CADETTrainer(SFTTrainer):
         positions = self.args.regularized_positions
         lam = self.cadet_lambda
         kl = torch.zeros((), device=logits.device)
-        if positions in ("corpus", "both") and self._has_nado:
+        if positions in ("corpus", "both") and self._has_nado and omega.any():
             hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
             embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
             with torch.no_grad():
                 if self.nado.config.num_layers:
-                    nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
-                else:  # the head is position-wise: score the used positions only
-                    nado_logits = self.nado(hidden[mask], output_embeddings=embeddings)
+                    nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask][omega]
+                else:  # the head is position-wise: score Ω's positions only
+                    nado_logits = self.nado(hidden[mask][omega], output_embeddings=embeddings)
             # Ω is the mean over its own positions (METHOD.md), so that λ does not depend on the length of the
-            # prompts around the completions; summed over accumulated micro-batches like the LM loss
+            # prompts around the completions; summed over accumulated micro-batches like the LM loss. Only Ω's rows
+            # of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the trained positions)
             kl = cadet_kl(
-                logits,
+                logits[omega],
                 nado_logits,
-                mask=omega,
-                lm_logprobs=log_p,
+                lm_logprobs=log_p[omega],
                 min_p=self.args.cadet_min_p,
                 demote_only=self.args.cadet_demote_only,
                 safe_ratio=self.args.cadet_safe_ratio,
