@@ -1,9 +1,9 @@
 """Sampling from a policy: the one path that the oracle phase, the evaluation and the benchmarks take.
 
 Prompts are tokenised as the policy sees them in training (`tokenize_prompts`), left-padded, sampled with `generate`
-under an RNG forked and seeded for the call (or, off the main thread, through a generator of their own), and cut after
-their first end token. `as_completions` wraps decoded
-texts as TRL's reward functions expect them, for the oracles and the judges.
+under an RNG forked and seeded for the call (or, beside training, through a generator of their own), and cut after
+their first end token. `as_completions` wraps decoded texts as TRL's reward functions expect them, for the oracles and
+the judges.
 """
 
 import contextlib
