@@ -63,7 +63,14 @@ def lora_config():
 
 
 def make_trainer(
-    kind: str, model, tokenizer, batch_size: int, output_dir: str, lora: bool = False, positions: str = "corpus"
+    kind: str,
+    model,
+    tokenizer,
+    batch_size: int,
+    output_dir: str,
+    lora: bool = False,
+    positions: str = "corpus",
+    samples_per_step: int | None = None,
 ):
     from trl import SFTConfig, SFTTrainer
 
@@ -89,7 +96,13 @@ def make_trainer(
     trainer = CADETTrainer(
         model=model,
         oracle_funcs=lambda prompts, completions, **kw: [1.0] * len(completions),
-        args=CADETConfig(**common, cadet_lambda=1.0, steps_per_round=10**9, regularized_positions=positions),
+        args=CADETConfig(
+            **common,
+            cadet_lambda=1.0,
+            steps_per_round=10**9,
+            regularized_positions=positions,
+            samples_per_step=samples_per_step,
+        ),
         train_dataset=corpus(),
         processing_class=tokenizer,
         **peft,
@@ -193,14 +206,21 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
 
 
 def peak_memory(
-    model_name: str, kind: str, batch_size: int, steps: int, lora: bool = False, positions: str = "corpus"
+    model_name: str,
+    kind: str,
+    batch_size: int,
+    steps: int,
+    lora: bool = False,
+    positions: str = "corpus",
+    samples_per_step: int | None = None,
 ) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
         "import resource, sys, tempfile; sys.argv = ['x']; "
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
-        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}); "
+        f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}, "
+        f"{samples_per_step!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -223,6 +243,13 @@ def main(argv=None):
         help="Where the CADET arm's regulariser applies; with 'samples' or 'both', Ω also runs on a mini-batch of "
         "128 oracle-phase-shaped samples each step (one extra forward pass).",
     )
+    parser.add_argument(
+        "--samples_per_step",
+        type=int,
+        default=None,
+        help="Samples in the extra forward pass (default: the batch size); the cost of `regularized_samples="
+        "'unsatisfied'` with that many unsatisfied samples.",
+    )
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
 
@@ -234,24 +261,34 @@ def main(argv=None):
     for model_name in args.models.split(","):
         row = {"model": model_name, "batch_size": args.batch_size, "steps": args.steps, "lora": args.lora}
         row["regularized_positions"] = args.regularized_positions
+        row["samples_per_step"] = args.samples_per_step
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = make_trainer(
-                    kind, model, tokenizer, args.batch_size, tmp, args.lora, args.regularized_positions
+                    kind,
+                    model,
+                    tokenizer,
+                    args.batch_size,
+                    tmp,
+                    args.lora,
+                    args.regularized_positions,
+                    args.samples_per_step,
                 )
                 row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
                 if kind == "cadet":
                     row["cadet_parts_s"] = breakdown(trainer, max(3, args.steps // 2))
             if not args.no_memory:
                 row[f"{kind}_peak_mib"] = peak_memory(
-                    model_name, kind, args.batch_size, 2, args.lora, args.regularized_positions
+                    model_name, kind, args.batch_size, 2, args.lora, args.regularized_positions, args.samples_per_step
                 )
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
 
     device = torch.cuda.get_device_name(0) if _cuda() else f"CPU, {torch.get_num_threads()} threads"
     where = args.regularized_positions
+    if args.samples_per_step and where != "corpus":
+        where += f", {args.samples_per_step} samples a step"
     print(f"\nStep time, CADET (λ=1, regulariser on {where} positions) vs SFT, same batch ({device})\n")
     header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
     lines = [header]
