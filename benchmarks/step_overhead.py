@@ -188,11 +188,16 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         log_p = torch.log_softmax(logits.float(), dim=-1)
         lm_loss = F.nll_loss(log_p, labels[:, 1:][mask[:, :-1]])
         t1 = time.perf_counter()
+        omega = trainer._omega_positions(batch["input_ids"], mask)  # as `compute_loss`: Ω's rows only
         with torch.no_grad():
             embeddings = model.get_output_embeddings().weight
-            nado_logits = trainer.nado(hidden_states[-1].detach()[mask], output_embeddings=embeddings)
+            nado_logits = trainer.nado(hidden_states[-1].detach()[mask][omega], output_embeddings=embeddings)
         t2 = time.perf_counter()
-        kl = cadet_kl(logits, nado_logits, lm_logprobs=log_p, **target) if corpus_omega else torch.zeros(())
+        kl = (
+            cadet_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega], **target)
+            if corpus_omega
+            else torch.zeros(())
+        )
         t3 = time.perf_counter()
         # Ω on a mini-batch of oracle samples: the trainer's own extra forward pass, NADO head and KL
         sample_kl = trainer._samples_kl(model) if samples else torch.zeros(())

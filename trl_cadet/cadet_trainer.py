@@ -702,12 +702,7 @@ class CADETTrainer(SFTTrainer):
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None:
             attention_mask = _pad_front(attention_mask, virtual, 1)
-        # Ω's positions, a subset of the trained ones: those predicting an assistant token of a conversation
-        omega = torch.ones_like(mask)
-        if self._assistant_markers is not None:
-            assistant = assistant_token_mask(inputs["input_ids"], self._assistant_markers)
-            omega[:, :-1] = _pad_front(assistant, virtual, False)[:, 1:]
-        omega = omega[mask]  # [N], aligned with `logits`
+        omega = self._omega_positions(inputs["input_ids"], mask)
 
         # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known. log p is
         # computed once, for the LM loss and the regulariser
@@ -794,6 +789,17 @@ class CADETTrainer(SFTTrainer):
             with torch.no_grad():
                 outputs = model(**model_inputs, use_cache=False)
         return (loss, outputs) if return_outputs else loss
+
+    def _omega_positions(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Ω's positions among the trained ones (`mask`, from `_trained_logits`), shape `[N]` aligned with the trained
+        logits: those predicting an assistant token of a conversation, or every trained position without a chat
+        template's markers."""
+        omega = torch.ones_like(mask)
+        if self._assistant_markers is not None:
+            virtual = mask.shape[1] - input_ids.shape[1]
+            assistant = assistant_token_mask(input_ids, self._assistant_markers)
+            omega[:, :-1] = _pad_front(assistant, virtual, False)[:, 1:]
+        return omega[mask]
 
     def _trained_logits(self, model, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
         """`(outputs, logits, hidden_states, labels, mask)`: the model's outputs; its logits at the trained positions
