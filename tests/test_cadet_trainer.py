@@ -336,20 +336,23 @@ def test_guided_decoding_processor_follows_q_and_avoids_a_forbidden_token(tokeni
     assert not (guided[:, new:] == forbidden).any()
 
 
-@pytest.mark.parametrize("positions", ["corpus", "samples"])
-def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama, tmp_path, positions):
-    """After the first batch, only the trained positions go through the LM head; the loss must not change."""
+def trainer_with_a_nado(model, tokenizer, args) -> CADETTrainer:
+    """A trainer whose NADO model is installed and scores tokens differently (R depends on the token), so that Ω is not
+    zero before any oracle phase."""
     trainer = CADETTrainer(
-        model=tiny_llama,
-        oracle_funcs=no_bad_word,
-        args=tiny_cadet_config(tmp_path, regularized_positions=positions),
-        train_dataset=corpus(),
-        processing_class=tokenizer,
+        model=model, oracle_funcs=no_bad_word, args=args, train_dataset=corpus(), processing_class=tokenizer
     )
-    with torch.no_grad():  # a NADO model whose R depends on the token, so that the KL is not zero
+    with torch.no_grad():
         for param in trainer.nado.parameters():
             param.add_(0.5 * torch.randn_like(param))
     trainer.nado_source_round = 0
+    return trainer
+
+
+@pytest.mark.parametrize("positions", ["corpus", "samples"])
+def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama, tmp_path, positions):
+    """After the first batch, only the trained positions go through the LM head; the loss must not change."""
+    trainer = trainer_with_a_nado(tiny_llama, tokenizer, tiny_cadet_config(tmp_path, regularized_positions=positions))
     if positions == "samples":
         prompts = tokenizer(["hello there"] * 4)["input_ids"]
         trainer._latest_samples = Samples(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], [1.0] * 4, [1.0] * 4)
@@ -369,19 +372,10 @@ def test_the_lm_head_shortcut_gives_the_plain_forward_loss(tokenizer, tiny_llama
 def test_omega_on_unsatisfied_samples_covers_those_only(tokenizer, tiny_llama, tmp_path):
     """`regularized_samples="unsatisfied"`: sample Ω equals Ω over the unsatisfied samples alone, and is skipped
     when a round has none."""
-    trainer = CADETTrainer(
-        model=tiny_llama,
-        oracle_funcs=no_bad_word,
-        args=tiny_cadet_config(
-            tmp_path, regularized_positions="samples", regularized_samples="unsatisfied", samples_per_step=8
-        ),
-        train_dataset=corpus(),
-        processing_class=tokenizer,
+    args = tiny_cadet_config(
+        tmp_path, regularized_positions="samples", regularized_samples="unsatisfied", samples_per_step=8
     )
-    with torch.no_grad():  # a NADO model whose R depends on the token, so that the KL is not zero
-        for param in trainer.nado.parameters():
-            param.add_(0.5 * torch.randn_like(param))
-    trainer.nado_source_round = 0
+    trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
     trainer.model.eval()  # no dropout: the three forward passes must see the same function
     prompts = tokenizer(["hello there"] * 4)["input_ids"]
     completions = [[5, 6, 7], [8, 9], [10, 11], [12, 13, 14]]
