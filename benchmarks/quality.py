@@ -123,6 +123,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--save_samples", action="store_true", help="Keep each row's evaluation samples in quality.json."
     )
+    parser.add_argument(
+        "--save_models",
+        action="store_true",
+        help="Save each row's trained model (its adapter, with LoRA) in `runs/<run id>/model` of --output_dir.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print the runs that the budgets give, and exit.")
     parser.add_argument(
         "--merge",
@@ -179,6 +184,7 @@ def main(argv=None) -> int:
             "threads",
             "lambdas",
             "save_samples",
+            "save_models",
         )
     }
     import torch

@@ -462,6 +462,8 @@ def run_row(setup: Setup, run: dict) -> dict:
     method_s = time.perf_counter() - start
     info = dict(info or {})
     processor = info.pop("logits_processor", None)
+    if setup.options.get("save_models"):
+        model.save_pretrained(os.path.join(output_dir, "model"))
 
     start = time.perf_counter()
     model.eval()

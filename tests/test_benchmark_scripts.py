@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +125,7 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
         str(tmp_path),
         "--nado_corpus_rollouts",  # so that CADET's corpus calls must be planned as the trainer makes them
         "true",
+        "--save_models",
         timeout=600,
     )
 
@@ -168,6 +171,18 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
     assert found[("oracle_calls", "grpo")]["lm_steps"] == 6  # 24 calls / 4 completions a step
     assert found[("steps", "sft")]["run_id"] == found[("oracle_calls", "sft")]["run_id"]  # no oracle: run once
     assert "cadet" in result.stdout and "oracle calls" in result.stdout  # the table
+    # `--save_models` keeps each run's model; heldout_tokens.py scores the held-out conversations under the saved
+    # models token by token, and its perplexities are the table's
+    cadet = found[("steps", "cadet")]
+    models = f"base=base,cadet={tmp_path / 'runs' / cadet['run_id'] / 'model'}"
+    tokens = run_benchmark(
+        "heldout_tokens.py", "--model", "tiny", "--output_dir", str(tmp_path), "--models", models, "--threads", "1"
+    )
+    (line,) = [line for line in tokens.stdout.splitlines() if line.startswith("perplexity")]
+    base_ppl, cadet_ppl = map(float, line.split()[2:4])
+    assert base_ppl == pytest.approx(found[("steps", "base")]["perplexity"], rel=1e-4)
+    assert cadet_ppl == pytest.approx(cadet["perplexity"], rel=1e-4) and cadet_ppl != base_ppl
+    assert "reply first" in tokens.stdout and "reply end" in tokens.stdout
     assert (tmp_path / "quality_steps.png").is_file() and (tmp_path / "quality_oracle_calls.png").is_file()
 
 
