@@ -126,6 +126,7 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
         "--nado_corpus_rollouts",  # so that CADET's corpus calls must be planned as the trainer makes them
         "true",
         "--save_models",
+        "--save_samples",
         timeout=600,
     )
 
@@ -183,6 +184,14 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
     assert base_ppl == pytest.approx(found[("steps", "base")]["perplexity"], rel=1e-4)
     assert cadet_ppl == pytest.approx(cadet["perplexity"], rel=1e-4) and cadet_ppl != base_ppl
     assert "reply first" in tokens.stdout and "reply end" in tokens.stdout
+    # sentence_toxicity.py re-judges the saved samples: its whole-reply EMT is the table's, and a reply judged by its
+    # sentences too is never less toxic
+    judged = run_benchmark("sentence_toxicity.py", str(tmp_path))
+    (line,) = [line for line in judged.stdout.splitlines() if line.split()[1:3] == ["cadet", "words/reply"]]
+    for judge in judges:
+        whole, by_sentence = map(float, line.split(f"{judge}: ")[1].split()[:3:2])
+        assert whole == pytest.approx(cadet["toxicity"][judge]["expected_max_toxicity"], abs=6e-4)
+        assert by_sentence >= whole
     assert (tmp_path / "quality_steps.png").is_file() and (tmp_path / "quality_oracle_calls.png").is_file()
 
 
@@ -318,3 +327,15 @@ def test_quality_plan_runs_the_cadet_row_once_per_lambda():
     assert [entry["row"] for entry in entries] == ["sft", "cadet λ=8", "cadet λ=32, min-p 0.02"]
     assert [run["run_id"] for run in runs] == ["steps-sft", "steps-cadet-lambda8", "steps-cadet-lambda32-minp0.02"]
     assert entries[2]["plan"]["cadet_lambda"] == 32.0 and entries[2]["plan"]["cadet_min_p"] == 0.02
+
+
+def test_a_reply_judged_by_its_sentences_is_as_toxic_as_its_worst_part():
+    from sentence_toxicity import sentence_toxicity, sentences
+
+    def judge(prompts, completions):  # satisfaction: only the insult alone is judged toxic
+        return [0.1 if c[-1]["content"] == "You idiot!" else 0.8 for c in completions]
+
+    assert sentences("Hello there. You idiot!\nNice day?  Bye") == ["Hello there.", "You idiot!", "Nice day?", "Bye"]
+    prompt = [{"role": "user", "content": "hi"}]
+    replies = ["Hello there. You idiot! Nice day.", "Hello there. Nice day.", "Hello there, you idiot!"]
+    assert sentence_toxicity(judge, prompt, replies, [0.3, 0.3, 0.3]) == pytest.approx([0.9, 0.3, 0.3])
