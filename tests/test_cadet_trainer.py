@@ -388,8 +388,8 @@ def test_omega_on_unsatisfied_samples_covers_those_only(tokenizer, tiny_llama, t
         alone = trainer._samples_kl(trainer.model)
         trainer._latest_samples = Samples(prompts, completions, scores, scores)
         everything = trainer._samples_kl(trainer.model)
-    torch.testing.assert_close(chosen, alone)
-    assert chosen > 0 and not torch.allclose(chosen, everything)
+    torch.testing.assert_close(chosen.mean(), alone.mean())
+    assert chosen.mean() > 0 and not torch.allclose(chosen.mean(), everything.mean())
 
     trainer.args.regularized_samples = "unsatisfied"
     trainer._latest_samples = Samples(prompts[::2], completions[::2], scores[::2], scores[::2])
@@ -399,6 +399,28 @@ def test_omega_on_unsatisfied_samples_covers_those_only(tokenizer, tiny_llama, t
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer.compute_loss(trainer.model, batch)
     assert "cadet/kl_samples" not in trainer._metrics["train"]
+
+
+def test_omega_is_one_mean_over_the_corpus_and_sample_positions(tokenizer, tiny_llama, tmp_path):
+    """With `regularized_positions="both"`, Ω is the mean KL over the corpus's and the samples' positions together
+    (METHOD.md), not the sum of the two means."""
+    lam = 4.0
+    args = tiny_cadet_config(tmp_path, regularized_positions="both", samples_per_step=4, cadet_lambda=lam)
+    trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
+    prompts = tokenizer(["hello there"] * 4)["input_ids"]
+    trainer._latest_samples = Samples(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], [1.0] * 4, [1.0] * 4)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mask = trainer._trained_logits(trainer.model, inputs, batch["labels"])[4]
+    corpus_positions = trainer._omega_positions(batch["input_ids"], mask).sum().item()
+    sample_positions = 10  # every completion token of the four samples
+    corpus, samples = logged_metric(trainer, "cadet/kl"), logged_metric(trainer, "cadet/kl_samples")
+    assert corpus > 0 and samples > 0 and corpus_positions > 0
+    omega = (corpus_positions * corpus + sample_positions * samples) / (corpus_positions + sample_positions)
+    assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(lam * omega, rel=1e-4)
 
 
 def logged_metric(trainer, key):

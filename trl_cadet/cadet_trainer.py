@@ -727,6 +727,13 @@ class CADETTrainer(SFTTrainer):
 
         positions = self.args.regularized_positions
         lam = self.cadet_lambda
+        # Ω is one mean over its positions (METHOD.md): the corpus's assistant tokens and, with
+        # `regularized_positions="both"`, the oracle samples' completion tokens, so that λ depends neither on the
+        # length of the prompts around the completions nor on how many positions each source gives. With the loss
+        # summed over accumulated micro-batches (`num_items_in_batch` known), a micro-batch's Ω and logged KLs are its
+        # share of the step's
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        parts = []
         kl = torch.zeros((), device=logits.device)
         if positions in ("corpus", "both") and self._has_nado and omega.any():
             hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
@@ -736,12 +743,12 @@ class CADETTrainer(SFTTrainer):
                     nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask][omega]
                 else:  # the head is position-wise: score Ω's positions only
                     nado_logits = self.nado(hidden[mask][omega], output_embeddings=embeddings)
-            # Ω is the mean over its own positions (METHOD.md), so that λ does not depend on the length of the
-            # prompts around the completions; summed over accumulated micro-batches like the LM loss. Only Ω's rows
-            # of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the trained positions)
-            kl = cadet_kl(
+            # Only Ω's rows of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the trained
+            # positions)
+            corpus_kl = cadet_kl(
                 logits[omega],
                 nado_logits,
+                reduction="none",
                 lm_logprobs=log_p[omega],
                 min_p=self.args.cadet_min_p,
                 demote_only=self.args.cadet_demote_only,
@@ -749,21 +756,18 @@ class CADETTrainer(SFTTrainer):
                 demote_below=self.args.cadet_demote_below,
                 neutral_tokens=self._neutral_tokens(logits.device),
             )
-            if num_items_in_batch is not None:
-                kl = kl / self.current_gradient_accumulation_steps
-            if lam > 0:
-                loss = loss + lam * kl
+            parts.append(corpus_kl)
+            kl = corpus_kl.mean() / steps
         if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
             sample_kl = self._samples_kl(model)
             if sample_kl is not None:
-                if num_items_in_batch is not None:
-                    sample_kl = sample_kl / self.current_gradient_accumulation_steps
-                loss = loss + lam * sample_kl
-                self._metrics[mode]["cadet/kl_samples"].append(sample_kl.item())
+                parts.append(sample_kl)
+                self._metrics[mode]["cadet/kl_samples"].append(sample_kl.mean().item() / steps)
+        if parts and lam > 0:
+            loss = loss + lam * (torch.cat(parts).mean() / steps)
 
         if self.aux_loss_enabled:
             # As SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
             aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
             self._metrics[mode]["aux_loss"].append(aux_loss)
@@ -839,8 +843,8 @@ class CADETTrainer(SFTTrainer):
         return outputs, logits, hidden_states, labels, mask
 
     def _samples_kl(self, model) -> torch.Tensor | None:
-        """Ω on the completion tokens of a mini-batch of the latest oracle samples (one extra forward pass); `None`
-        when `regularized_samples="unsatisfied"` and the round has none."""
+        """The KL of Ω at each completion token of a mini-batch of the latest oracle samples (one extra forward pass),
+        shape `[n]`; `None` when `regularized_samples="unsatisfied"` and the round has none."""
         samples = self._latest_samples
         candidates = range(len(samples))
         if self.args.regularized_samples == "unsatisfied":
@@ -872,6 +876,7 @@ class CADETTrainer(SFTTrainer):
             demote_only=self.args.cadet_demote_only,
             safe_ratio=self.args.cadet_safe_ratio,
             demote_below=self.args.cadet_demote_below,
+            reduction="none",
             neutral_tokens=self._neutral_tokens(logits.device),
         )
 
