@@ -193,16 +193,16 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
             embeddings = model.get_output_embeddings().weight
             nado_logits = trainer.nado(hidden_states[-1].detach()[mask][omega], output_embeddings=embeddings)
         t2 = time.perf_counter()
-        kl = (
-            cadet_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega], **target)
-            if corpus_omega
-            else torch.zeros(())
-        )
+        # per-position KLs; Ω is one mean over the corpus's and the samples' positions, as in `compute_loss`
+        parts_kl = []
+        if corpus_omega:
+            parts_kl.append(cadet_kl(logits[omega], nado_logits, reduction="none", lm_logprobs=log_p[omega], **target))
         t3 = time.perf_counter()
         # Ω on a mini-batch of oracle samples: the trainer's own extra forward pass, NADO head and KL
-        sample_kl = trainer._samples_kl(model) if samples else torch.zeros(())
+        if samples and (sample_kl := trainer._samples_kl(model)) is not None:
+            parts_kl.append(sample_kl)
         t4 = time.perf_counter()
-        (lm_loss + kl + sample_kl).backward()
+        (lm_loss + (torch.cat(parts_kl).mean() if parts_kl else 0.0)).backward()
         model.zero_grad()
         t5 = time.perf_counter()
         for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
