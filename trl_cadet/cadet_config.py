@@ -142,7 +142,8 @@ class CADETConfig(SFTConfig):
             docs/cadet_trainer.md).
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
-            of the latest oracle samples, one extra forward pass per step) or `"both"`.
+            of the latest oracle samples, one extra forward pass per step) or `"both"` (Ω is then one mean over both
+            sets of positions, so the samples weigh by their share of them).
         regularized_samples (`str`, *optional*, defaults to `"all"`):
             Which oracle samples Ω covers when `regularized_positions` includes them: `"all"`, or `"unsatisfied"`
             (those scored below `oracle_threshold`: the contexts where the policy itself went wrong; none in a round
