@@ -167,16 +167,8 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from trl_cadet.nado import cadet_kl
-
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     parts = {"forward": [], "nado_head": [], "kl": [], "samples_omega": [], "backward": []}
-    target = dict(
-        min_p=trainer.args.cadet_min_p,
-        demote_only=trainer.args.cadet_demote_only,
-        safe_ratio=trainer.args.cadet_safe_ratio,
-        demote_below=trainer.args.cadet_demote_below,
-    )
     corpus_omega = trainer.args.regularized_positions in ("corpus", "both")
     samples = trainer.args.regularized_positions in ("samples", "both")
     model = trainer.model
@@ -196,7 +188,7 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         # per-position KLs; Ω is one mean over the corpus's and the samples' positions, as in `compute_loss`
         parts_kl = []
         if corpus_omega:
-            parts_kl.append(cadet_kl(logits[omega], nado_logits, reduction="none", lm_logprobs=log_p[omega], **target))
+            parts_kl.append(trainer._position_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega]))
         t3 = time.perf_counter()
         # Ω on a mini-batch of oracle samples: the trainer's own extra forward pass, NADO head and KL
         if samples and (sample_kl := trainer._samples_kl(model)) is not None:

@@ -745,17 +745,7 @@ class CADETTrainer(SFTTrainer):
                     nado_logits = self.nado(hidden[mask][omega], output_embeddings=embeddings)
             # Only Ω's rows of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the trained
             # positions)
-            corpus_kl = cadet_kl(
-                logits[omega],
-                nado_logits,
-                reduction="none",
-                lm_logprobs=log_p[omega],
-                min_p=self.args.cadet_min_p,
-                demote_only=self.args.cadet_demote_only,
-                safe_ratio=self.args.cadet_safe_ratio,
-                demote_below=self.args.cadet_demote_below,
-                neutral_tokens=self._neutral_tokens(logits.device),
-            )
+            corpus_kl = self._position_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega])
             parts.append(corpus_kl)
             kl = corpus_kl.mean() / steps
         if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
@@ -869,14 +859,20 @@ class CADETTrainer(SFTTrainer):
         embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
             nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
+        return self._position_kl(logits, nado_logits)
+
+    def _position_kl(self, logits, nado_logits, lm_logprobs=None) -> torch.Tensor:
+        """The KL of Ω at each position (`[n]`), with the target the config sets (`cadet_min_p`, `cadet_demote_only`,
+        `cadet_safe_ratio`, `cadet_demote_below`, `cadet_neutral_end`)."""
         return cadet_kl(
             logits,
             nado_logits,
+            reduction="none",
+            lm_logprobs=lm_logprobs,
             min_p=self.args.cadet_min_p,
             demote_only=self.args.cadet_demote_only,
             safe_ratio=self.args.cadet_safe_ratio,
             demote_below=self.args.cadet_demote_below,
-            reduction="none",
             neutral_tokens=self._neutral_tokens(logits.device),
         )
 
