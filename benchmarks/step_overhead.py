@@ -71,6 +71,7 @@ def make_trainer(
     lora: bool = False,
     positions: str = "corpus",
     samples_per_step: int | None = None,
+    which_samples: str = "all",
 ):
     from trl import SFTConfig, SFTTrainer
 
@@ -101,6 +102,7 @@ def make_trainer(
             cadet_lambda=1.0,
             steps_per_round=10**9,
             regularized_positions=positions,
+            regularized_samples=which_samples,
             samples_per_step=samples_per_step,
         ),
         train_dataset=corpus(),
@@ -110,7 +112,7 @@ def make_trainer(
     import torch
 
     if positions != "corpus":
-        trainer._latest_samples = oracle_samples(tokenizer)
+        trainer._latest_samples = oracle_samples(tokenizer, violations=which_samples != "all")
 
     with torch.no_grad():
         for param in trainer.nado.parameters():  # a trained-looking NADO, so the KL is not trivially zero
@@ -119,10 +121,11 @@ def make_trainer(
     return trainer
 
 
-def oracle_samples(tokenizer, n: int = 128, completion_length: int = 32):
+def oracle_samples(tokenizer, n: int = 128, completion_length: int = 32, violations: bool = False):
     """`n` samples shaped like an oracle phase's (the demo's 32 prompts x 4 completions of up to 32 tokens), for Ω on
     samples (`regularized_positions` "samples" or "both"): chat prompts of the corpus with generation prompt, and
-    replies cut to `completion_length` tokens."""
+    replies cut to `completion_length` tokens. `violations=True`: every sample unsatisfied, its first violating token
+    in the middle of its completion (for `regularized_samples` "unsatisfied" and "violations")."""
     from trl_cadet.oracle_phase import Samples
     from trl_cadet.sampling import tokenize_prompts
 
@@ -130,7 +133,10 @@ def oracle_samples(tokenizer, n: int = 128, completion_length: int = 32):
     prompt_ids = tokenize_prompts([row["messages"][:1] for row in rows], tokenizer)
     replies = [row["messages"][1]["content"] for row in rows]
     completion_ids = [ids[:completion_length] for ids in tokenizer(replies, add_special_tokens=False)["input_ids"]]
-    return Samples(prompt_ids=prompt_ids, completion_ids=completion_ids, scores=[1.0] * n, labels=[1.0] * n)
+    if not violations:
+        return Samples(prompt_ids=prompt_ids, completion_ids=completion_ids, scores=[1.0] * n, labels=[1.0] * n)
+    middles = [max(1, len(ids) // 2) for ids in completion_ids]
+    return Samples(prompt_ids, completion_ids, scores=[0.0] * n, labels=[0.0] * n, violations=middles)
 
 
 def _cuda() -> bool:
@@ -183,18 +189,20 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         omega = trainer._omega_positions(batch["input_ids"], mask)  # as `compute_loss`: Ω's rows only
         with torch.no_grad():
             embeddings = model.get_output_embeddings().weight
-            nado_logits = trainer.nado(hidden_states[-1].detach()[mask][omega], output_embeddings=embeddings)
+            hidden = hidden_states[trainer.nado.config.hidden_state_layer].detach()
+            nado_logits = trainer.nado(hidden[mask][omega], output_embeddings=embeddings)
         t2 = time.perf_counter()
-        # per-position KLs; Ω is one mean over the corpus's and the samples' positions, as in `compute_loss`
-        parts_kl = []
+        # per-position KLs, combined into Ω as `compute_loss` does
+        corpus_kl = sample_kl = None
         if corpus_omega:
-            parts_kl.append(trainer._position_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega]))
+            corpus_kl = trainer._position_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega])
         t3 = time.perf_counter()
         # Ω on a mini-batch of oracle samples: the trainer's own extra forward pass, NADO head and KL
-        if samples and (sample_kl := trainer._samples_kl(model)) is not None:
-            parts_kl.append(sample_kl)
+        if samples:
+            sample_kl = trainer._samples_kl(model)
         t4 = time.perf_counter()
-        (lm_loss + (torch.cat(parts_kl).mean() if parts_kl else 0.0)).backward()
+        has_omega = corpus_kl is not None or sample_kl is not None
+        (lm_loss + (trainer._omega(corpus_kl, sample_kl) if has_omega else 0.0)).backward()
         model.zero_grad()
         t5 = time.perf_counter()
         for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
@@ -210,6 +218,7 @@ def peak_memory(
     lora: bool = False,
     positions: str = "corpus",
     samples_per_step: int | None = None,
+    which_samples: str = "all",
 ) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
@@ -217,7 +226,7 @@ def peak_memory(
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
         f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}, "
-        f"{samples_per_step!r}); "
+        f"{samples_per_step!r}, {which_samples!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -244,8 +253,14 @@ def main(argv=None):
         "--samples_per_step",
         type=int,
         default=None,
-        help="Samples in the extra forward pass (default: the batch size); the cost of `regularized_samples="
-        "'unsatisfied'` with that many unsatisfied samples.",
+        help="Samples in the extra forward pass (default: the batch size).",
+    )
+    parser.add_argument(
+        "--regularized_samples",
+        default="all",
+        choices=["all", "unsatisfied", "violations"],
+        help="Which samples Ω covers; with 'unsatisfied' or 'violations' every sample is unsatisfied, its first "
+        "violating token in the middle of its completion ('violations': Ω at that position only).",
     )
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
@@ -259,6 +274,7 @@ def main(argv=None):
         row = {"model": model_name, "batch_size": args.batch_size, "steps": args.steps, "lora": args.lora}
         row["regularized_positions"] = args.regularized_positions
         row["samples_per_step"] = args.samples_per_step
+        row["regularized_samples"] = args.regularized_samples
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
@@ -271,21 +287,29 @@ def main(argv=None):
                     args.lora,
                     args.regularized_positions,
                     args.samples_per_step,
+                    args.regularized_samples,
                 )
                 row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
                 if kind == "cadet":
                     row["cadet_parts_s"] = breakdown(trainer, max(3, args.steps // 2))
             if not args.no_memory:
                 row[f"{kind}_peak_mib"] = peak_memory(
-                    model_name, kind, args.batch_size, 2, args.lora, args.regularized_positions, args.samples_per_step
+                    model_name,
+                    kind,
+                    args.batch_size,
+                    2,
+                    args.lora,
+                    args.regularized_positions,
+                    args.samples_per_step,
+                    args.regularized_samples,
                 )
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
 
     device = torch.cuda.get_device_name(0) if _cuda() else f"CPU, {torch.get_num_threads()} threads"
     where = args.regularized_positions
-    if args.samples_per_step and where != "corpus":
-        where += f", {args.samples_per_step} samples a step"
+    if where != "corpus":
+        where += f", {args.samples_per_step or args.batch_size} {args.regularized_samples} samples a step"
     print(f"\nStep time, CADET (λ=1, regulariser on {where} positions) vs SFT, same batch ({device})\n")
     header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
     lines = [header]

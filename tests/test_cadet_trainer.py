@@ -401,6 +401,51 @@ def test_omega_on_unsatisfied_samples_covers_those_only(tokenizer, tiny_llama, t
     assert "cadet/kl_samples" not in trainer._metrics["train"]
 
 
+def test_omega_on_violations_is_the_kl_at_the_first_violating_token_only(tokenizer, tiny_llama, tmp_path):
+    """`regularized_samples="violations"`: one KL per sample whose first violation was found, the one at the position
+    that predicts the violating token; none when no violation was found."""
+    args = tiny_cadet_config(
+        tmp_path, regularized_positions="samples", regularized_samples="violations", samples_per_step=8
+    )
+    trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
+    trainer.model.eval()  # no dropout: the forward passes must see the same function
+    prompts = tokenizer(["hello there"] * 4)["input_ids"]
+    completions = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16]]
+    scores = [0.9, 0.1, 0.8, 0.2]
+    with torch.no_grad():
+        # the second sample breaks the constraint at its third token; the fourth's bisection failed
+        trainer._latest_samples = Samples(prompts, completions, scores, scores, violations=[None, 3, None, None])
+        chosen = trainer._samples_kl(trainer.model)
+        trainer.args.regularized_samples = "all"
+        trainer._latest_samples = Samples(prompts[1:2], completions[1:2], scores[1:2], scores[1:2])
+        every_token = trainer._samples_kl(trainer.model)
+    assert chosen.shape == (1,) and every_token.shape == (4,)
+    torch.testing.assert_close(chosen[0], every_token[2])
+    assert not torch.allclose(every_token[2], every_token[1]) and not torch.allclose(every_token[2], every_token[3])
+
+    trainer.args.regularized_samples = "violations"
+    trainer._latest_samples = Samples(prompts, completions, scores, scores)  # not searched
+    assert trainer._samples_kl(trainer.model) is None
+
+
+def test_samples_kl_weight_adds_the_samples_mean_to_the_corpus_mean(tokenizer, tiny_llama, tmp_path):
+    """With `samples_kl_weight` w, Ω is the corpus positions' mean KL plus w times the samples' (not one mean)."""
+    lam, weight = 4.0, 0.5
+    args = tiny_cadet_config(
+        tmp_path, regularized_positions="both", samples_per_step=4, cadet_lambda=lam, samples_kl_weight=weight
+    )
+    trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
+    prompts = tokenizer(["hello there"] * 4)["input_ids"]
+    trainer._latest_samples = Samples(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], [1.0] * 4, [1.0] * 4)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    corpus, samples = logged_metric(trainer, "cadet/kl"), logged_metric(trainer, "cadet/kl_samples")
+    assert corpus > 0 and samples > 0
+    assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(lam * (corpus + weight * samples), rel=1e-4)
+
+
 def test_omega_is_one_mean_over_the_corpus_and_sample_positions(tokenizer, tiny_llama, tmp_path):
     """With `regularized_positions="both"`, Ω is the mean KL over the corpus's and the samples' positions together
     (METHOD.md), not the sum of the two means."""

@@ -232,6 +232,51 @@ def test_corpus_rollouts_start_right_before_the_first_violating_token_and_are_co
         assert json.load(f)["rollout_prefixes"] == prefixes.to_dict()
 
 
+def test_the_samples_first_violations_are_found_by_bisection_counted_and_saved(tokenizer, tiny_llama, tmp_path):
+    """`regularized_samples="violations"`: after labelling, each unsatisfied sample gets the length of its shortest
+    unsatisfied prefix (the tiny model's samples are random text: the toy constraint is "no letter e"), every prefix
+    judged is counted, and the lengths are part of the saved state."""
+    calls = []
+
+    def no_letter_e(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        return [0.0 if "e" in completion[-1]["content"] else 1.0 for completion in completions]
+
+    args = tiny_cadet_config(
+        tmp_path,
+        regularized_positions="both",
+        regularized_samples="violations",
+        max_steps=2,
+        samples_per_step=2,
+        nado_corpus_samples=12,
+    )
+    assert args.samples_kl_weight == 0.25  # the default that goes with "violations"
+    trainer = CADETTrainer(
+        model=tiny_llama, oracle_funcs=no_letter_e, args=args, train_dataset=corpus(), processing_class=tokenizer
+    )
+    trainer.train()
+    samples = trainer._latest_samples
+    unsatisfied = [i for i, score in enumerate(samples.scores) if score < 0.5]
+    assert 2 <= len(unsatisfied) < len(samples) == 8
+    for i, completion in enumerate(samples.completion_ids):
+        if i not in unsatisfied:
+            assert samples.violations[i] is None
+            continue
+        length = samples.violations[i]
+        assert "e" not in tokenizer.decode(completion[: length - 1], skip_special_tokens=True)
+        assert "e" in tokenizer.decode(completion[:length], skip_special_tokens=True)
+    # Every call counted: the corpus completions once, the round's 8 samples, then the bisection's prefixes
+    bisection = sum(calls) - args.nado_corpus_samples - len(samples)
+    assert len(unsatisfied) <= bisection <= 4 * len(unsatisfied)
+    assert sum(calls) == trainer.oracle_calls
+    assert logged(trainer, "oracle/bisection_calls") == [float(bisection)]
+    sample_kl = logged(trainer, "cadet/kl_samples")  # Ω ran at the violations in both steps
+    assert len(sample_kl) == 2 and min(sample_kl) > 0
+    trainer._save_cadet_state(str(tmp_path))
+    with open(tmp_path / "cadet_state.json") as f:
+        assert json.load(f)["latest_samples"]["violations"] == samples.violations
+
+
 def test_rollout_prefixes_are_shared_evenly_across_processes():
     """Each process gets as many prefixes (a sharded model's forward passes are collective), every prefix is someone's."""
     prefixes = RolloutPrefixes(prompts=list("abcde"), prompt_ids=[[0]] * 5, prefix_ids=[[i] for i in range(5)])

@@ -142,12 +142,20 @@ class CADETConfig(SFTConfig):
             docs/cadet_trainer.md).
         regularized_positions (`str`, *optional*, defaults to `"corpus"`):
             Where Ω is applied: `"corpus"` (the training batch's trained-on tokens), `"samples"` (the completion tokens
-            of the latest oracle samples, one extra forward pass per step) or `"both"` (Ω is then one mean over both
-            sets of positions, so the samples weigh by their share of them).
+            of the latest oracle samples, one extra forward pass per step) or `"both"` (how the two weigh:
+            `samples_kl_weight`).
         regularized_samples (`str`, *optional*, defaults to `"all"`):
-            Which oracle samples Ω covers when `regularized_positions` includes them: `"all"`, or `"unsatisfied"`
-            (those scored below `oracle_threshold`: the contexts where the policy itself went wrong; none in a round
-            leaves the step without sample Ω).
+            Which oracle samples Ω covers when `regularized_positions` includes them: `"all"`; `"unsatisfied"` (those
+            scored below `oracle_threshold`: the contexts where the policy itself went wrong; none in a round leaves
+            the step without sample Ω); or `"violations"`, the unsatisfied ones at one position each, the context of
+            their first violating token. That token is found after labelling by bisecting the sample's prefixes with
+            the oracles (about log2 of its length in calls, counted in `oracle/calls`); after it no continuation
+            satisfies the constraint, so `R` is 0 for every token and the target is not defined there.
+        samples_kl_weight (`float` or `None`, *optional*):
+            With `regularized_positions="both"`, how Ω on the samples weighs against Ω on the corpus. `None`: one mean
+            over both sets of positions, so the samples weigh by their share of them; a number `w`: `λ · (mean KL on
+            the corpus + w · mean KL on the samples)` (with `"samples"` alone, `w` scales their Ω). Defaults to `None`, and to `0.25` with
+            `regularized_samples="violations"` (one position per sample, which one mean would drown).
         samples_per_step (`int` or `None`, *optional*):
             Oracle samples in the extra forward pass of each step when Ω covers samples. Defaults to
             `per_device_train_batch_size`.
@@ -356,9 +364,18 @@ class CADETConfig(SFTConfig):
     regularized_samples: str = field(
         default="all",
         metadata={
-            "help": "Which oracle samples Ω covers when `regularized_positions` includes them: 'all', or "
-            "'unsatisfied' (scored below `oracle_threshold`).",
-            "choices": ["all", "unsatisfied"],
+            "help": "Which oracle samples Ω covers when `regularized_positions` includes them: 'all', "
+            "'unsatisfied' (scored below `oracle_threshold`), or 'violations' (the unsatisfied ones at the context of "
+            "their first violating token only, found by bisection with the oracles; the calls are counted).",
+            "choices": ["all", "unsatisfied", "violations"],
+        },
+    )
+    samples_kl_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "With `regularized_positions='both'`: None, Ω is one mean over the corpus's and the samples' "
+            "positions; a number w, λ · (corpus mean KL + w · samples mean KL). Defaults to 0.25 with "
+            "`regularized_samples='violations'`."
         },
     )
     samples_per_step: int | None = field(
@@ -392,7 +409,7 @@ class CADETConfig(SFTConfig):
             "oracle_labels": ("hard", "soft"),
             "lambda_schedule": ("constant", "adaptive"),
             "regularized_positions": ("corpus", "samples", "both"),
-            "regularized_samples": ("all", "unsatisfied"),
+            "regularized_samples": ("all", "unsatisfied", "violations"),
             "round_schedule": ("sequential", "parallel"),
             "nado_head": ("tied", "full"),
         }
@@ -414,6 +431,10 @@ class CADETConfig(SFTConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.samples_kl_weight is None and self.regularized_samples == "violations":
+            self.samples_kl_weight = 0.25
+        if self.samples_kl_weight is not None and self.samples_kl_weight < 0:
+            raise ValueError(f"`samples_kl_weight` must be at least 0 or None, got {self.samples_kl_weight}.")
         if self.samples_per_step is not None and self.samples_per_step < 1:
             raise ValueError(f"`samples_per_step` must be at least 1 or None, got {self.samples_per_step}.")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:

@@ -641,6 +641,7 @@ class CADETTrainer(SFTTrainer):
             len(result.samples)
             + int(result.metrics.get("oracle/dropped", 0))
             + int(result.metrics.get("oracle/rollouts", 0))
+            + int(result.metrics.get("oracle/bisection_calls", 0))
         )
         self._latest_samples = result.samples
         self._warn_about_labels(result)
@@ -729,11 +730,11 @@ class CADETTrainer(SFTTrainer):
         lam = self.cadet_lambda
         # Ω is one mean over its positions (METHOD.md): the corpus's assistant tokens and, with
         # `regularized_positions="both"`, the oracle samples' completion tokens, so that λ depends neither on the
-        # length of the prompts around the completions nor on how many positions each source gives. With the loss
-        # summed over accumulated micro-batches (`num_items_in_batch` known), a micro-batch's Ω and logged KLs are its
-        # share of the step's
+        # length of the prompts around the completions nor on how many positions each source gives; or, with
+        # `samples_kl_weight` w, the corpus's mean plus w times the samples'. With the loss summed over accumulated
+        # micro-batches (`num_items_in_batch` known), a micro-batch's Ω and logged KLs are its share of the step's
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        parts = []
+        corpus_kl = sample_kl = None
         kl = torch.zeros((), device=logits.device)
         if positions in ("corpus", "both") and self._has_nado and omega.any():
             hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
@@ -746,15 +747,13 @@ class CADETTrainer(SFTTrainer):
             # Only Ω's rows of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the trained
             # positions)
             corpus_kl = self._position_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega])
-            parts.append(corpus_kl)
             kl = corpus_kl.mean() / steps
         if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
             sample_kl = self._samples_kl(model)
             if sample_kl is not None:
-                parts.append(sample_kl)
                 self._metrics[mode]["cadet/kl_samples"].append(sample_kl.mean().item() / steps)
-        if parts and lam > 0:
-            loss = loss + lam * (torch.cat(parts).mean() / steps)
+        if lam > 0 and (corpus_kl is not None or sample_kl is not None):
+            loss = loss + lam * self._omega(corpus_kl, sample_kl) / steps
 
         if self.aux_loss_enabled:
             # As SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
@@ -834,13 +833,16 @@ class CADETTrainer(SFTTrainer):
 
     def _samples_kl(self, model) -> torch.Tensor | None:
         """The KL of Ω at each completion token of a mini-batch of the latest oracle samples (one extra forward pass),
-        shape `[n]`; `None` when `regularized_samples="unsatisfied"` and the round has none."""
+        shape `[n]`, or with `regularized_samples="violations"` at the context of each one's first violating token
+        only; `None` when the round has no sample of the kind Ω covers."""
         samples = self._latest_samples
         candidates = range(len(samples))
         if self.args.regularized_samples == "unsatisfied":
             candidates = [i for i in candidates if samples.scores[i] < self.args.oracle_threshold]
-            if not candidates:
-                return None
+        elif self.args.regularized_samples == "violations":
+            candidates = [i for i in candidates if samples.violation(i) is not None]
+        if not candidates:
+            return None
         size = self.args.samples_per_step or self.args.per_device_train_batch_size
         # Every process holds all the samples: each takes its own mini-batch
         seed = self.state.global_step * self.accelerator.num_processes + self.accelerator.process_index
@@ -851,7 +853,13 @@ class CADETTrainer(SFTTrainer):
             self._tokenizer.pad_token_id,
             self.accelerator.device,
         )
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        completion_mask = batch["completion_mask"]
+        if self.args.regularized_samples == "violations":  # the position that predicts the first violating token
+            starts = completion_mask.argmax(1)
+            completion_mask = torch.zeros_like(completion_mask)
+            for row, i in enumerate(index):
+                completion_mask[row, starts[row] + samples.violation(i) - 1] = 1
+        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         _, logits, hidden_states, _, mask = self._trained_logits(model, inputs, labels)
         attention_mask = _pad_front(batch["attention_mask"], mask.shape[1] - labels.shape[1], 1)
@@ -860,6 +868,14 @@ class CADETTrainer(SFTTrainer):
         with torch.no_grad():
             nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
         return self._position_kl(logits, nado_logits)
+
+    def _omega(self, corpus_kl: torch.Tensor | None, sample_kl: torch.Tensor | None) -> torch.Tensor:
+        """Ω from the KL at its corpus and sample positions (either may be `None`): one mean over all of them, or with
+        `samples_kl_weight` w the corpus's mean plus w times the samples'."""
+        weight = self.args.samples_kl_weight
+        if weight is None:
+            return torch.cat([part for part in (corpus_kl, sample_kl) if part is not None]).mean()
+        return sum(share * part.mean() for share, part in ((1.0, corpus_kl), (weight, sample_kl)) if part is not None)
 
     def _position_kl(self, logits, nado_logits, lm_logprobs=None) -> torch.Tensor:
         """The KL of Ω at each position (`[n]`), with the target the config sets (`cadet_min_p`, `cadet_demote_only`,

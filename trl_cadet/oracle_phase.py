@@ -30,16 +30,25 @@ class Samples:
     completion_ids: list[list[int]] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     labels: list[float] = field(default_factory=list)
+    # Per sample, its completion's tokens up to and including the first violating one (`None`: satisfied, or an oracle
+    # failed on a prefix); empty when no search was made (`regularized_samples="violations"` makes it)
+    violations: list[int | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to_dict(self) -> dict[str, list]:
-        return {k: getattr(self, k) for k in ("prompt_ids", "completion_ids", "scores", "labels")}
+        return {k: getattr(self, k) for k in ("prompt_ids", "completion_ids", "scores", "labels", "violations")}
 
     def extend(self, other: "Samples") -> None:
-        for key, values in other.to_dict().items():
-            getattr(self, key).extend(values)
+        if self.violations or other.violations:  # kept aligned with the samples when either side was searched
+            self.violations = (self.violations or [None] * len(self)) + (other.violations or [None] * len(other))
+        for key in ("prompt_ids", "completion_ids", "scores", "labels"):
+            getattr(self, key).extend(getattr(other, key))
+
+    def violation(self, index: int) -> int | None:
+        """The length of sample `index`'s shortest unsatisfied prefix, if it was searched and found."""
+        return self.violations[index] if self.violations else None
 
 
 @dataclass
@@ -56,17 +65,21 @@ class Labelling:
     errors: list[str] = field(default_factory=list)
     # Indices of the kept samples among the completions of this process's call (not offset by `merge`)
     kept: list[int] = field(default_factory=list)
+    bisection_calls: int = 0  # oracle calls spent finding the samples' first violations
 
     def merge(self, other: "Labelling") -> None:
         self.samples.extend(other.samples)
         self.dropped += other.dropped
         self.failures += other.failures
+        self.bisection_calls += other.bisection_calls
         for name, scores in other.per_oracle.items():
             self.per_oracle.setdefault(name, []).extend(scores)
         self.errors.extend(other.errors)
 
     def metrics(self) -> dict[str, float]:
         metrics = {"oracle/dropped": float(self.dropped), "oracle/failures": float(self.failures)}
+        if self.bisection_calls:
+            metrics["oracle/bisection_calls"] = float(self.bisection_calls)
         for name, scores in self.per_oracle.items():
             if scores:
                 metrics[f"oracle/{name}/mean"] = sum(scores) / len(scores)
@@ -254,6 +267,29 @@ def first_violations(
             else:
                 low[i] = middle
     return [None if bad else length for bad, length in zip(failed, high, strict=True)], calls
+
+
+def find_violations(oracles: list, prompts: list[Any], labelling: Labelling, processing_class, args) -> None:
+    """Set `labelling.samples.violations`: where each unsatisfied sample first breaks the constraint, by bisection
+    (`first_violations`), and count the calls. `prompts` are those `label_samples` got, each sampled
+    `args.num_generations` times."""
+    samples = labelling.samples
+    unsatisfied = [i for i, score in enumerate(samples.scores) if score < args.oracle_threshold]
+    lengths, calls = first_violations(
+        oracles,
+        [prompts[labelling.kept[i] // args.num_generations] for i in unsatisfied],
+        [samples.completion_ids[i] for i in unsatisfied],
+        processing_class,
+        threshold=args.oracle_threshold,
+        oracle_weights=args.oracle_weights,
+        max_retries=args.oracle_max_retries,
+        timeout=args.oracle_timeout,
+        retry_delay=args.oracle_retry_delay,
+    )
+    samples.violations = [None] * len(samples)
+    for i, length in zip(unsatisfied, lengths, strict=True):
+        samples.violations[i] = length
+    labelling.bisection_calls += calls
 
 
 def label_samples(
@@ -665,6 +701,8 @@ def run_oracle_phase(
         )
         if stop is not None and stop.is_set():
             raise OraclePhaseStopped("Training was stopped during the oracle phase.")
+        if args.regularized_samples == "violations" and args.regularized_positions != "corpus":
+            find_violations(oracles, prompts, labelling, processing_class, args)
         if gather is not None:
             labelling = gather(labelling)
         samples, metrics = labelling.samples, labelling.metrics()
