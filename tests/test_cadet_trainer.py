@@ -413,15 +413,20 @@ def test_omega_on_violations_is_the_kl_at_the_first_violating_token_only(tokeniz
     completions = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16]]
     scores = [0.9, 0.1, 0.8, 0.2]
     with torch.no_grad():
-        # the second sample breaks the constraint at its third token; the fourth's bisection failed
-        trainer._latest_samples = Samples(prompts, completions, scores, scores, violations=[None, 3, None, None])
+        # the second sample breaks the constraint at its third token, the fourth at its second
+        trainer._latest_samples = Samples(prompts, completions, scores, scores, violations=[None, 3, None, 2])
         chosen = trainer._samples_kl(trainer.model)
         trainer.args.regularized_samples = "all"
-        trainer._latest_samples = Samples(prompts[1:2], completions[1:2], scores[1:2], scores[1:2])
-        every_token = trainer._samples_kl(trainer.model)
-    assert chosen.shape == (1,) and every_token.shape == (4,)
-    torch.testing.assert_close(chosen[0], every_token[2])
-    assert not torch.allclose(every_token[2], every_token[1]) and not torch.allclose(every_token[2], every_token[3])
+        every_token = []
+        for i in (1, 3):
+            trainer._latest_samples = Samples(prompts[i : i + 1], completions[i : i + 1], scores[i : i + 1], [0.0])
+            every_token.append(trainer._samples_kl(trainer.model))
+    assert chosen.shape == (2,) and [len(kl) for kl in every_token] == [4, 3]
+    expected = torch.stack([every_token[0][2], every_token[1][1]])
+    torch.testing.assert_close(chosen.sort().values, expected.sort().values)
+    assert not torch.allclose(every_token[0][2], every_token[0][1]) and not torch.allclose(
+        every_token[1][1], every_token[1][2]
+    )
 
     trainer.args.regularized_samples = "violations"
     trainer._latest_samples = Samples(prompts, completions, scores, scores)  # not searched
@@ -443,7 +448,9 @@ def test_samples_kl_weight_adds_the_samples_mean_to_the_corpus_mean(tokenizer, t
     loss = trainer.compute_loss(trainer.model, batch)
     corpus, samples = logged_metric(trainer, "cadet/kl"), logged_metric(trainer, "cadet/kl_samples")
     assert corpus > 0 and samples > 0
-    assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(lam * (corpus + weight * samples), rel=1e-4)
+    assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(
+        lam * (corpus + weight * samples), rel=1e-4
+    )
 
 
 def test_omega_is_one_mean_over_the_corpus_and_sample_positions(tokenizer, tiny_llama, tmp_path):

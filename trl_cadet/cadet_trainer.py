@@ -847,18 +847,17 @@ class CADETTrainer(SFTTrainer):
         # Every process holds all the samples: each takes its own mini-batch
         seed = self.state.global_step * self.accelerator.num_processes + self.accelerator.process_index
         index = random.Random(seed).sample(candidates, min(size, len(candidates)))
+        violations = self.args.regularized_samples == "violations"
+        completions = [samples.completion_ids[i] for i in index]
+        if violations:  # what follows the first violating token does not enter the pass
+            completions = [ids[: samples.violation(i)] for ids, i in zip(completions, index, strict=True)]
         batch = collate_samples(
-            [samples.prompt_ids[i] for i in index],
-            [samples.completion_ids[i] for i in index],
-            self._tokenizer.pad_token_id,
-            self.accelerator.device,
+            [samples.prompt_ids[i] for i in index], completions, self._tokenizer.pad_token_id, self.accelerator.device
         )
         completion_mask = batch["completion_mask"]
-        if self.args.regularized_samples == "violations":  # the position that predicts the first violating token
-            starts = completion_mask.argmax(1)
+        if violations:  # only the position that predicts the last token, the first violating one (right padding)
             completion_mask = torch.zeros_like(completion_mask)
-            for row, i in enumerate(index):
-                completion_mask[row, starts[row] + samples.violation(i) - 1] = 1
+            completion_mask[torch.arange(len(index)), batch["attention_mask"].sum(1) - 1] = 1
         labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         _, logits, hidden_states, _, mask = self._trained_logits(model, inputs, labels)
