@@ -154,8 +154,9 @@ class CADETConfig(SFTConfig):
         samples_kl_weight (`float` or `None`, *optional*):
             With `regularized_positions="both"`, how Ω on the samples weighs against Ω on the corpus. `None`: one mean
             over both sets of positions, so the samples weigh by their share of them; a number `w`: `λ · (mean KL on
-            the corpus + w · mean KL on the samples)` (with `"samples"` alone, `w` scales their Ω). Defaults to `None`, and to `0.25` with
-            `regularized_samples="violations"` (one position per sample, which one mean would drown).
+            the corpus + w · mean KL on the samples)` (with `"samples"` alone, `w` scales their Ω). Defaults to
+            `None`, and to `0.25` with `regularized_samples="violations"` (one position per sample, which one mean
+            would drown).
         samples_per_step (`int` or `None`, *optional*):
             Oracle samples in the extra forward pass of each step when Ω covers samples. Defaults to
             `per_device_train_batch_size`.
