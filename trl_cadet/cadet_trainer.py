@@ -865,7 +865,10 @@ class CADETTrainer(SFTTrainer):
         hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
         embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
         with torch.no_grad():
-            nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
+            if self.nado.config.num_layers:
+                nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
+            else:  # the head is position-wise: score the regularised positions only
+                nado_logits = self.nado(hidden[mask], output_embeddings=embeddings)
         return self._position_kl(logits, nado_logits)
 
     def _omega(self, corpus_kl: torch.Tensor | None, sample_kl: torch.Tensor | None) -> torch.Tensor:
