@@ -277,6 +277,20 @@ def test_the_samples_first_violations_are_found_by_bisection_counted_and_saved(t
         assert json.load(f)["latest_samples"]["violations"] == samples.violations
 
 
+def test_violations_stay_aligned_with_their_samples_when_processes_merge(tmp_path):
+    """A process's samples without a search (`violations` empty) merge with a searched share as `None`s, and a
+    negative `samples_kl_weight` is refused."""
+    searched = Samples([[1], [2]], [[3, 4], [5]], [0.1, 0.9], [0.1, 0.9], violations=[2, None])
+    plain = Samples([[6]], [[7, 8]], [0.2], [0.2])
+    merged = Samples()
+    for part in (plain, searched, plain):
+        merged.extend(part)
+    assert merged.violations == [None, 2, None, None] and len(merged) == 4
+    assert [merged.violation(i) for i in range(4)] == [None, 2, None, None]
+    with pytest.raises(ValueError, match="samples_kl_weight"):
+        tiny_cadet_config(tmp_path, samples_kl_weight=-1.0)
+
+
 def test_rollout_prefixes_are_shared_evenly_across_processes():
     """Each process gets as many prefixes (a sharded model's forward passes are collective), every prefix is someone's."""
     prefixes = RolloutPrefixes(prompts=list("abcde"), prompt_ids=[[0]] * 5, prefix_ids=[[i] for i in range(5)])
