@@ -59,7 +59,7 @@ from .oracle_phase import (
     RolloutPrefixes,
     Samples,
     collate_samples,
-    first_violations,
+    find_violations,
     head_gives_logits,
     label_samples,
     output_embedding_weight,
@@ -490,31 +490,15 @@ class CADETTrainer(SFTTrainer):
         violating token, and the oracle calls that finding it took."""
         corpus = self._corpus_completions
         prompts, prompt_ids = corpus.prompts[rank::processes], corpus.prompt_ids[rank::processes]
-        unsatisfied = [
-            (index, completion)
-            for index, completion, score in zip(
-                labelling.kept, labelling.samples.completion_ids, labelling.samples.scores, strict=True
-            )
-            if score < self.args.oracle_threshold
-        ]
-        lengths, calls = first_violations(
-            self.oracle_funcs,
-            [prompts[index] for index, _ in unsatisfied],
-            [completion for _, completion in unsatisfied],
-            self._tokenizer,
-            threshold=self.args.oracle_threshold,
-            oracle_weights=self.args.oracle_weights,
-            max_retries=self.args.oracle_max_retries,
-            timeout=self.args.oracle_timeout,
-            retry_delay=self.args.oracle_retry_delay,
-        )
+        find_violations(self.oracle_funcs, prompts, labelling, self._tokenizer, self.args, num_generations=1)
         prefixes = RolloutPrefixes()
-        for (index, completion), length in zip(unsatisfied, lengths, strict=True):
+        samples = labelling.samples
+        for index, completion, length in zip(labelling.kept, samples.completion_ids, samples.violations, strict=True):
             if length is not None:
                 prefixes.prompts.append(prompts[index])
                 prefixes.prompt_ids.append(prompt_ids[index])
                 prefixes.prefix_ids.append(completion[: length - 1])
-        return prefixes, calls
+        return prefixes, labelling.bisection_calls
 
     def _oracle_phase(self, policy, round_index: int, gather) -> PhaseResult:
         prompts, prompt_ids = self._round_prompts(round_index)

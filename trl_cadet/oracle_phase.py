@@ -269,15 +269,23 @@ def first_violations(
     return [None if bad else length for bad, length in zip(failed, high, strict=True)], calls
 
 
-def find_violations(oracles: list, prompts: list[Any], labelling: Labelling, processing_class, args) -> None:
+def find_violations(
+    oracles: list,
+    prompts: list[Any],
+    labelling: Labelling,
+    processing_class,
+    args,
+    num_generations: int | None = None,
+) -> None:
     """Set `labelling.samples.violations`: where each unsatisfied sample first breaks the constraint, by bisection
-    (`first_violations`), and count the calls. `prompts` are those `label_samples` got, each sampled
-    `args.num_generations` times."""
+    (`first_violations`), and count the calls in `labelling.bisection_calls`. `prompts` are those `label_samples` got,
+    each with `num_generations` completions (default: `args.num_generations`)."""
+    num_generations = args.num_generations if num_generations is None else num_generations
     samples = labelling.samples
     unsatisfied = [i for i, score in enumerate(samples.scores) if score < args.oracle_threshold]
     lengths, calls = first_violations(
         oracles,
-        [prompts[labelling.kept[i] // args.num_generations] for i in unsatisfied],
+        [prompts[labelling.kept[i] // num_generations] for i in unsatisfied],
         [samples.completion_ids[i] for i in unsatisfied],
         processing_class,
         threshold=args.oracle_threshold,
