@@ -433,12 +433,10 @@ def test_omega_on_violations_is_the_kl_at_the_first_violating_token_only(tokeniz
     assert trainer._samples_kl(trainer.model) is None
 
 
-def test_samples_kl_weight_adds_the_samples_mean_to_the_corpus_mean(tokenizer, tiny_llama, tmp_path):
-    """With `samples_kl_weight` w, Ω is the corpus positions' mean KL plus w times the samples' (not one mean)."""
-    lam, weight = 4.0, 0.5
-    args = tiny_cadet_config(
-        tmp_path, regularized_positions="both", samples_per_step=4, cadet_lambda=lam, samples_kl_weight=weight
-    )
+def one_step_with_four_samples(tokenizer, tiny_llama, tmp_path, **config):
+    """A trainer with a NADO model, four satisfied samples of ten completion tokens in all, one training batch and
+    its loss, with `regularized_positions="both"`."""
+    args = tiny_cadet_config(tmp_path, regularized_positions="both", samples_per_step=4, **config)
     trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
     prompts = tokenizer(["hello there"] * 4)["input_ids"]
     trainer._latest_samples = Samples(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], [1.0] * 4, [1.0] * 4)
@@ -448,31 +446,32 @@ def test_samples_kl_weight_adds_the_samples_mean_to_the_corpus_mean(tokenizer, t
     loss = trainer.compute_loss(trainer.model, batch)
     corpus, samples = logged_metric(trainer, "cadet/kl"), logged_metric(trainer, "cadet/kl_samples")
     assert corpus > 0 and samples > 0
-    assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(
-        lam * (corpus + weight * samples), rel=1e-4
+    return trainer, batch, loss.item() - logged_metric(trainer, "cadet/lm_loss"), corpus, samples
+
+
+def test_samples_kl_weight_adds_the_samples_mean_to_the_corpus_mean(tokenizer, tiny_llama, tmp_path):
+    """With `samples_kl_weight` w, Ω is the corpus positions' mean KL plus w times the samples' (not one mean)."""
+    lam, weight = 4.0, 0.5
+    _, _, regulariser, corpus, samples = one_step_with_four_samples(
+        tokenizer, tiny_llama, tmp_path, cadet_lambda=lam, samples_kl_weight=weight
     )
+    assert regulariser == pytest.approx(lam * (corpus + weight * samples), rel=1e-4)
 
 
 def test_omega_is_one_mean_over_the_corpus_and_sample_positions(tokenizer, tiny_llama, tmp_path):
     """With `regularized_positions="both"`, Ω is the mean KL over the corpus's and the samples' positions together
     (METHOD.md), not the sum of the two means."""
     lam = 4.0
-    args = tiny_cadet_config(tmp_path, regularized_positions="both", samples_per_step=4, cadet_lambda=lam)
-    trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
-    prompts = tokenizer(["hello there"] * 4)["input_ids"]
-    trainer._latest_samples = Samples(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], [1.0] * 4, [1.0] * 4)
-    trainer.current_gradient_accumulation_steps = 1
-    trainer.model.train()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    loss = trainer.compute_loss(trainer.model, batch)
+    trainer, batch, regulariser, corpus, samples = one_step_with_four_samples(
+        tokenizer, tiny_llama, tmp_path, cadet_lambda=lam
+    )
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     mask = trainer._trained_logits(trainer.model, inputs, batch["labels"])[4]
     corpus_positions = trainer._omega_positions(batch["input_ids"], mask).sum().item()
     sample_positions = 10  # every completion token of the four samples
-    corpus, samples = logged_metric(trainer, "cadet/kl"), logged_metric(trainer, "cadet/kl_samples")
-    assert corpus > 0 and samples > 0 and corpus_positions > 0
+    assert corpus_positions > 0
     omega = (corpus_positions * corpus + sample_positions * samples) / (corpus_positions + sample_positions)
-    assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(lam * omega, rel=1e-4)
+    assert regulariser == pytest.approx(lam * omega, rel=1e-4)
 
 
 def logged_metric(trainer, key):
