@@ -72,6 +72,7 @@ def make_trainer(
     positions: str = "corpus",
     samples_per_step: int | None = None,
     which_samples: str = "all",
+    max_grad_ratio: float | None = None,
 ):
     from trl import SFTConfig, SFTTrainer
 
@@ -104,6 +105,7 @@ def make_trainer(
             regularized_positions=positions,
             regularized_samples=which_samples,
             samples_per_step=samples_per_step,
+            cadet_max_grad_ratio=max_grad_ratio,
         ),
         train_dataset=corpus(),
         processing_class=tokenizer,
@@ -174,7 +176,7 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
     import torch.nn.functional as F
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    parts = {"forward": [], "nado_head": [], "kl": [], "samples_omega": [], "backward": []}
+    parts = {"forward": [], "nado_head": [], "kl": [], "samples_omega": [], "gradients_apart": [], "backward": []}
     corpus_omega = trainer.args.regularized_positions in ("corpus", "both")
     samples = trainer.args.regularized_positions in ("samples", "both")
     model = trainer.model
@@ -201,11 +203,18 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         if samples:
             sample_kl = trainer._samples_kl(model)
         t4 = time.perf_counter()
-        has_omega = corpus_kl is not None or sample_kl is not None
-        (lm_loss + (trainer._omega(corpus_kl, sample_kl) if has_omega else 0.0)).backward()
-        model.zero_grad()
+        loss = lm_loss
+        if corpus_kl is not None or sample_kl is not None:
+            regulariser = trainer._omega(corpus_kl, sample_kl)
+            if trainer.args.cadet_max_grad_ratio is not None:  # the LM loss's and Ω's gradients, one pass each
+                loss = trainer._bounded_regulariser(model, lm_loss, regulariser)
+            else:
+                loss = loss + regulariser
         t5 = time.perf_counter()
-        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+        loss.backward()
+        model.zero_grad()
+        t6 = time.perf_counter()
+        for key, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
             parts[key].append(value)
     return {key: statistics.median(values[1:]) for key, values in parts.items()}
 
@@ -219,6 +228,7 @@ def peak_memory(
     positions: str = "corpus",
     samples_per_step: int | None = None,
     which_samples: str = "all",
+    max_grad_ratio: float | None = None,
 ) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
@@ -226,7 +236,7 @@ def peak_memory(
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
         f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}, "
-        f"{samples_per_step!r}, {which_samples!r}); "
+        f"{samples_per_step!r}, {which_samples!r}, {max_grad_ratio!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -262,6 +272,12 @@ def main(argv=None):
         help="Which samples Ω covers; with 'unsatisfied' or 'violations' every sample is unsatisfied, its first "
         "violating token in the middle of its completion ('violations': Ω at that position only).",
     )
+    parser.add_argument(
+        "--cadet_max_grad_ratio",
+        type=float,
+        default=None,
+        help="Bound Ω's gradient at this multiple of the LM loss's (the two gradients taken apart each step).",
+    )
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
 
@@ -275,6 +291,7 @@ def main(argv=None):
         row["regularized_positions"] = args.regularized_positions
         row["samples_per_step"] = args.samples_per_step
         row["regularized_samples"] = args.regularized_samples
+        row["cadet_max_grad_ratio"] = args.cadet_max_grad_ratio
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
@@ -288,6 +305,7 @@ def main(argv=None):
                     args.regularized_positions,
                     args.samples_per_step,
                     args.regularized_samples,
+                    args.cadet_max_grad_ratio,
                 )
                 row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
                 if kind == "cadet":
@@ -302,6 +320,7 @@ def main(argv=None):
                     args.regularized_positions,
                     args.samples_per_step,
                     args.regularized_samples,
+                    args.cadet_max_grad_ratio,
                 )
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
@@ -310,6 +329,8 @@ def main(argv=None):
     where = args.regularized_positions
     if where != "corpus":
         where += f", {args.samples_per_step or args.batch_size} {args.regularized_samples} samples a step"
+    if args.cadet_max_grad_ratio is not None:
+        where += f"; its gradient bounded at {args.cadet_max_grad_ratio}x the LM loss's"
     print(f"\nStep time, CADET (λ=1, regulariser on {where} positions) vs SFT, same batch ({device})\n")
     header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
     lines = [header]

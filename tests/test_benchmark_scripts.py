@@ -34,16 +34,18 @@ def assert_finite(values: dict, keys) -> None:
 
 def test_step_overhead(tmp_path):
     out = tmp_path / "step_overhead.json"
-    # Ω on the corpus and on oracle samples' violations: every part of the step is timed
+    # Ω on the corpus and on oracle samples' violations, its gradient bounded: every part of the step is timed
     options = ["--models", "tiny", "--steps", "2", "--no_memory", "--threads", "1", "--regularized_positions", "both"]
-    run_benchmark("step_overhead.py", *options, "--regularized_samples", "violations", "--json", str(out))
+    options += ["--regularized_samples", "violations", "--cadet_max_grad_ratio", "1"]
+    run_benchmark("step_overhead.py", *options, "--json", str(out))
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "tiny" and row["regularized_positions"] == "both"
-    assert row["regularized_samples"] == "violations"
+    assert row["regularized_samples"] == "violations" and row["cadet_max_grad_ratio"] == 1.0
     assert_finite(row, ["sft_step_s", "cadet_step_s", "step_ratio"])
-    assert set(row["cadet_parts_s"]) == {"forward", "nado_head", "kl", "samples_omega", "backward"}
+    parts = {"forward", "nado_head", "kl", "samples_omega", "gradients_apart", "backward"}
+    assert set(row["cadet_parts_s"]) == parts
     assert_finite(row["cadet_parts_s"], row["cadet_parts_s"])
-    assert row["cadet_parts_s"]["samples_omega"] > 0
+    assert row["cadet_parts_s"]["samples_omega"] > 0 and row["cadet_parts_s"]["gradients_apart"] > 0
 
 
 def test_memory_estimate():

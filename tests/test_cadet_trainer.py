@@ -474,6 +474,57 @@ def test_omega_is_one_mean_over_the_corpus_and_sample_positions(tokenizer, tiny_
     assert regulariser == pytest.approx(lam * omega, rel=1e-4)
 
 
+def test_max_grad_ratio_scales_the_regulariser_to_that_share_of_the_lm_gradient(tokenizer, tiny_llama, tmp_path):
+    """`cadet_max_grad_ratio` r: the step's gradient is `∇LM + s ∇(λΩ)` with `s = min(1, r |∇LM| / |∇(λΩ)|)`, so
+    that the regulariser's part is at most r times the LM loss's in norm; with a loose bound nothing changes."""
+    args = tiny_cadet_config(tmp_path, cadet_lambda=200.0)
+    trainer = trainer_with_a_nado(tiny_llama, tokenizer, args)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def gradient(lam, ratio=None):
+        trainer.cadet_lambda, trainer.args.cadet_max_grad_ratio = lam, ratio
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, batch).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    lm, both = gradient(0.0), gradient(200.0)
+    omega = both - lm
+    assert omega.norm() > lm.norm()  # the bound below binds
+    bounded = gradient(200.0, ratio=0.25)
+    scale = 0.25 * lm.norm() / omega.norm()
+    torch.testing.assert_close(bounded, lm + scale * omega, rtol=1e-4, atol=1e-6)
+    assert logged_metric(trainer, "cadet/omega_scale") == pytest.approx(scale.item(), rel=1e-4)
+    assert logged_metric(trainer, "cadet/grad_ratio") == pytest.approx((omega.norm() / lm.norm()).item(), rel=1e-4)
+    torch.testing.assert_close(gradient(200.0, ratio=1e6), both, rtol=1e-4, atol=1e-6)
+    assert logged_metric(trainer, "cadet/omega_scale") == 1.0
+    with pytest.raises(ValueError, match="cadet_max_grad_ratio"):
+        tiny_cadet_config(tmp_path, cadet_max_grad_ratio=0.0)
+
+
+def test_max_grad_ratio_trains_lora_adapters_under_gradient_checkpointing(tokenizer, tiny_llama, tmp_path):
+    """The two gradients are taken apart through PEFT's adapters and recomputed activations too; the bound binds."""
+    from peft import LoraConfig
+
+    args = tiny_cadet_config(tmp_path, cadet_max_grad_ratio=0.5, cadet_lambda=50.0, gradient_checkpointing=True)
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=args,
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    scales = [log["cadet/omega_scale"] for log in trainer.state.log_history if "cadet/omega_scale" in log]
+    assert len(scales) == args.max_steps and min(scales) < 1.0
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+
+
 def logged_metric(trainer, key):
     return trainer._metrics["train"][key][-1]
 

@@ -160,6 +160,14 @@ class CADETConfig(SFTConfig):
         samples_per_step (`int` or `None`, *optional*):
             Oracle samples in the extra forward pass of each step when Ω covers samples. Defaults to
             `per_device_train_batch_size`.
+        cadet_max_grad_ratio (`float` or `None`, *optional*):
+            Bound on the regulariser's share of each update: when the gradient of `λ · Ω` over the trainable
+            parameters is larger in norm than `cadet_max_grad_ratio` times the LM loss's, `λ · Ω` is scaled down to
+            that norm for the step (logged as `cadet/omega_scale`, with `cadet/grad_ratio`, the ratio before scaling).
+            Adam steps have about the same size whatever the gradient's scale, so a regulariser whose gradient
+            outweighs the LM loss's takes the steps' direction, and the LM learns less from the corpus. It costs one
+            more backward pass a step (the two gradients are taken apart), and needs the whole trainable parameters
+            on each process: not with DeepSpeed or FSDP. `None` bounds nothing.
 
         > Parameters that control the rounds
 
@@ -386,6 +394,13 @@ class CADETConfig(SFTConfig):
             "`per_device_train_batch_size`."
         },
     )
+    cadet_max_grad_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scale λ·Ω down, at each step, to at most this multiple of the LM loss's gradient norm over the "
+            "trainable parameters (one more backward pass a step). None bounds nothing."
+        },
+    )
 
     # Parameters that control the rounds
     steps_per_round: int = field(
@@ -436,6 +451,10 @@ class CADETConfig(SFTConfig):
             self.samples_kl_weight = 0.25
         if self.samples_kl_weight is not None and self.samples_kl_weight < 0:
             raise ValueError(f"`samples_kl_weight` must be at least 0 or None, got {self.samples_kl_weight}.")
+        if self.cadet_max_grad_ratio is not None and not self.cadet_max_grad_ratio > 0:
+            raise ValueError(
+                f"`cadet_max_grad_ratio` must be positive or None (no bound), got {self.cadet_max_grad_ratio}."
+            )
         if self.samples_per_step is not None and self.samples_per_step < 1:
             raise ValueError(f"`samples_per_step` must be at least 1 or None, got {self.samples_per_step}.")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:

@@ -319,6 +319,12 @@ class CADETTrainer(SFTTrainer):
             seed=args.seed,
         )
 
+        if args.cadet_max_grad_ratio is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                "`cadet_max_grad_ratio` takes the gradients of the LM loss and of the regulariser apart over the whole "
+                "trainable parameters, which DeepSpeed and FSDP partition across processes. Set "
+                "`cadet_max_grad_ratio=None`, or train on one device or with plain data parallelism (DDP)."
+            )
         sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
         if args.round_schedule == "parallel" and sharded:
             raise ValueError(
@@ -737,7 +743,11 @@ class CADETTrainer(SFTTrainer):
             if sample_kl is not None:
                 self._metrics[mode]["cadet/kl_samples"].append(sample_kl.mean().item() / steps)
         if lam > 0 and (corpus_kl is not None or sample_kl is not None):
-            loss = loss + lam * self._omega(corpus_kl, sample_kl) / steps
+            regulariser = lam * self._omega(corpus_kl, sample_kl) / steps
+            if self.args.cadet_max_grad_ratio is not None and mode == "train" and regulariser.requires_grad:
+                loss = self._bounded_regulariser(model, lm_loss, regulariser)
+            else:
+                loss = loss + regulariser
 
         if self.aux_loss_enabled:
             # As SFTTrainer: a per-micro-batch mean, averaged over the accumulation steps when the loss is summed
@@ -766,6 +776,28 @@ class CADETTrainer(SFTTrainer):
             with torch.no_grad():
                 outputs = model(**model_inputs, use_cache=False)
         return (loss, outputs) if return_outputs else loss
+
+    def _bounded_regulariser(self, model, lm_loss: torch.Tensor, regulariser: torch.Tensor) -> torch.Tensor:
+        """`lm_loss + s · regulariser`, with `s = min(1, cadet_max_grad_ratio · |∇ lm_loss| / |∇ regulariser|)` over the
+        trainable parameters. The two gradients are taken apart here (one backward pass each); the loss returned
+        carries their combination to the trainer's backward pass, which then only adds it to the parameters."""
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def gradient(term):
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+        def norm(grads):
+            return torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+
+        lm_grads, omega_grads = gradient(lm_loss), gradient(regulariser)
+        lm_norm, omega_norm = norm(lm_grads), norm(omega_grads)
+        scale = torch.clamp(self.args.cadet_max_grad_ratio * lm_norm / omega_norm.clamp(min=1e-12), max=1.0)
+        self._metrics["train"]["cadet/grad_ratio"].append((omega_norm / lm_norm.clamp(min=1e-12)).item())
+        self._metrics["train"]["cadet/omega_scale"].append(scale.item())
+        # A loss whose gradient is the combined one and whose value is the scaled loss
+        carrier = sum(((a + scale * b).detach() * p).sum() for a, b, p in zip(lm_grads, omega_grads, params))
+        return carrier - carrier.detach() + (lm_loss + scale * regulariser).detach()
 
     def _omega_positions(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Ω's positions among the trained ones (`mask`, from `_trained_logits`), shape `[N]` aligned with the trained
