@@ -79,10 +79,13 @@ def test_nado_is_identical_on_every_rank_after_each_round(ranks):
 
 
 def test_lm_gradients_are_synchronised(ranks):
+    """With Ω's gradient bounded (`cadet_max_grad_ratio`, binding on some step): the trainer's two extra gradients per
+    step leave DDP's reduction intact."""
     _, (r0, r1) = ranks
     assert r0["lm_before"] == r1["lm_before"]
     assert r0["lm_after"] != r0["lm_before"], "the LM did not train"
     assert r0["lm_after"] == r1["lm_after"], "the LM's parameters differ across ranks after training"
+    assert r0["omega_scales"] and min(r0["omega_scales"]) < 1.0
 
 
 def test_logged_satisfaction_is_the_global_rate(ranks):

@@ -128,6 +128,9 @@ def main(output_dir: str) -> None:
         save_steps=2,
         prompts_per_round=6,
         max_completion_length=6,
+        # Ω's gradient bounded (and the bound binding): its two extra gradients must not upset DDP's reduction
+        cadet_lambda=50.0,
+        cadet_max_grad_ratio=0.5,
     )
     args = tiny_cadet_config(output_dir, **settings)
     corpus = Dataset.from_list(
@@ -166,6 +169,7 @@ def main(output_dir: str) -> None:
             e["oracle/satisfaction"] for e in trainer.state.log_history if "oracle/satisfaction" in e
         ],
         "logged_dropped": [e["oracle/dropped"] for e in trainer.state.log_history if "oracle/dropped" in e],
+        "omega_scales": [e["cadet/omega_scale"] for e in trainer.state.log_history if "cadet/omega_scale" in e],
         "lm_before": before,
         "lm_after": digest(p for _, p in sorted(trainer.accelerator.unwrap_model(trainer.model).named_parameters())),
         "written": sorted(set(written)),
