@@ -166,8 +166,9 @@ class CADETConfig(SFTConfig):
             that norm for the step (logged as `cadet/omega_scale`, with `cadet/grad_ratio`, the ratio before scaling).
             Adam steps have about the same size whatever the gradient's scale, so a regulariser whose gradient
             outweighs the LM loss's takes the steps' direction, and the LM learns less from the corpus. It costs one
-            more backward pass a step (the two gradients are taken apart), and needs the whole trainable parameters
-            on each process: not with DeepSpeed or FSDP. `None` bounds nothing.
+            more backward pass a step and two more buffers the size of the trainable parameters (the two gradients
+            are taken apart; small with LoRA), and needs the whole trainable parameters on each process: not with
+            DeepSpeed or FSDP. `None` bounds nothing.
 
         > Parameters that control the rounds
 
