@@ -329,9 +329,10 @@ def main(argv=None):
     where = args.regularized_positions
     if where != "corpus":
         where += f", {args.samples_per_step or args.batch_size} {args.regularized_samples} samples a step"
+    where += " positions"
     if args.cadet_max_grad_ratio is not None:
-        where += f"; its gradient bounded at {args.cadet_max_grad_ratio}x the LM loss's"
-    print(f"\nStep time, CADET (λ=1, regulariser on {where} positions) vs SFT, same batch ({device})\n")
+        where += f", its gradient bounded at {args.cadet_max_grad_ratio}x the LM loss's"
+    print(f"\nStep time, CADET (λ=1, regulariser on {where}) vs SFT, same batch ({device})\n")
     header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
     lines = [header]
     for r in results:
