@@ -168,7 +168,8 @@ class CADETConfig(SFTConfig):
             outweighs the LM loss's takes the steps' direction, and the LM learns less from the corpus. It costs one
             more backward pass a step and two more buffers the size of the trainable parameters (the two gradients
             are taken apart; small with LoRA), and needs the whole trainable parameters on each process: not with
-            DeepSpeed or FSDP. `None` bounds nothing.
+            DeepSpeed or FSDP. The two gradients are taken without fp16's loss scaling: prefer bf16 to fp16 with it.
+            `None` bounds nothing.
 
         > Parameters that control the rounds
 

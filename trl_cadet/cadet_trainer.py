@@ -325,6 +325,11 @@ class CADETTrainer(SFTTrainer):
                 "trainable parameters, which DeepSpeed and FSDP partition across processes. Set "
                 "`cadet_max_grad_ratio=None`, or train on one device or with plain data parallelism (DDP)."
             )
+        if args.cadet_max_grad_ratio is not None and args.fp16:
+            logger.warning(
+                "`cadet_max_grad_ratio` takes the LM loss's and the regulariser's gradients apart without fp16's loss "
+                "scaling, and trains on them: small gradients may underflow in float16. Prefer `bf16=True` (or float32)."
+            )
         sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
         if args.round_schedule == "parallel" and sharded:
             raise ValueError(
