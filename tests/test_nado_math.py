@@ -355,17 +355,22 @@ def test_safe_ratio_caps_R_at_a_share_of_the_safest_plausible_tokens():
 def _fit_corpus_distribution(corpus: torch.Tensor, nado_logits: torch.Tensor, lam: float, **target_kwargs):
     """p after fitting one context's logits to the corpus's continuations (`corpus`: their frequencies; cross-entropy)
     plus λ · Ω, by gradient descent from the uniform distribution: the fixed point that fine-tuning tends to on a
-    position seen often."""
+    position seen often. Averaged over the last 1,000 of 3,000 steps: where a cut-off (min-p) makes the target jump,
+    p cycles around it instead of converging, and the last step alone would give any point of the cycle (which one
+    depends on the machine's rounding)."""
     logits = torch.zeros(nado_logits.shape[-1], requires_grad=True)
     optimizer = torch.optim.SGD([logits], lr=0.5)
-    for _ in range(3000):
+    average = torch.zeros(nado_logits.shape[-1])
+    for step in range(3000):
         optimizer.zero_grad()
         log_p = torch.log_softmax(logits, -1)
         q = target_logprobs(log_p.detach(), nado_logits, **target_kwargs).exp()
         loss = -(corpus * log_p).sum() + lam * (q * (q.log() - log_p)).sum()
         loss.backward()
         optimizer.step()
-    return torch.softmax(logits.detach(), -1)
+        if step >= 2000:
+            average += torch.softmax(logits.detach(), -1) / 1000
+    return average
 
 
 def _fit_one_context(target: int, nado_logits: torch.Tensor, lam: float, **target_kwargs) -> torch.Tensor:
