@@ -163,12 +163,13 @@ def test_corpus_completions_are_the_replies_with_their_end_token(tokenizer):
         assert tokenizer.decode(prompt_ids).endswith("<|assistant|>")
 
 
-def test_corpus_completions_are_labelled_once_and_counted(tokenizer, tiny_llama, tmp_path):
+def test_corpus_completions_are_labelled_once_with_the_oracle_score_and_counted(tokenizer, tiny_llama, tmp_path):
+    """The labels are the oracle's scores by default (`oracle_labels="soft"`), not 0/1."""
     calls = []
 
     def oracle(prompts, completions, **kwargs):
         calls.append(len(completions))
-        return no_bad_word(prompts, completions)
+        return [0.9 if score else 0.2 for score in no_bad_word(prompts, completions)]
 
     trainer = CADETTrainer(
         model=tiny_llama,
@@ -184,8 +185,8 @@ def test_corpus_completions_are_labelled_once_and_counted(tokenizer, tiny_llama,
     samples = trainer._corpus_samples
     assert len(samples) == 12
     texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
-    assert list(samples.labels) == [0.0 if BAD_WORD in text else 1.0 for text in texts]
-    assert 0.0 in samples.labels and 1.0 in samples.labels
+    assert list(samples.labels) == [0.2 if BAD_WORD in text else 0.9 for text in texts]
+    assert 0.2 in samples.labels and 0.9 in samples.labels
     # 12 corpus completions once, then the policy's samples of the two rounds (4 prompts x 2 generations each)
     assert sum(calls) == 12 + 2 * 8 == trainer.oracle_calls
 

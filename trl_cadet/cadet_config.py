@@ -18,9 +18,10 @@ class CADETConfig(SFTConfig):
     Parameters:
         > Parameters that control the oracle
 
-        oracle_labels (`str`, *optional*, defaults to `"hard"`):
-            How oracle scores become NADO labels: `"hard"` gives `C = 1[score >= oracle_threshold]`, `"soft"` uses the
-            score itself as the label.
+        oracle_labels (`str`, *optional*, defaults to `"soft"`):
+            How oracle scores become NADO labels: `"soft"` uses the score itself as the label, `"hard"` gives
+            `C = 1[score >= oracle_threshold]` (the paper's binary oracle; measured worse on the embedded benchmark
+            corpus).
         oracle_threshold (`float`, *optional*, defaults to `0.5`):
             Satisfaction threshold for hard labels. Oracles return a satisfaction score in `[0, 1]` (1 = constraint
             satisfied; for a toxicity classifier, `1 - toxicity`).
@@ -192,10 +193,10 @@ class CADETConfig(SFTConfig):
 
     # Parameters that control the oracle
     oracle_labels: str = field(
-        default="hard",
+        default="soft",
         metadata={
-            "help": "How oracle scores become NADO labels: 'hard' (score >= oracle_threshold) or 'soft' (the score).",
-            "choices": ["hard", "soft"],
+            "help": "How oracle scores become NADO labels: 'soft' (the score) or 'hard' (score >= oracle_threshold).",
+            "choices": ["soft", "hard"],
         },
     )
     oracle_threshold: float = field(
