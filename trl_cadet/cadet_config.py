@@ -23,8 +23,9 @@ class CADETConfig(SFTConfig):
             `C = 1[score >= oracle_threshold]` (the paper's binary oracle; measured worse on the embedded benchmark
             corpus).
         oracle_threshold (`float`, *optional*, defaults to `0.5`):
-            Satisfaction threshold for hard labels. Oracles return a satisfaction score in `[0, 1]` (1 = constraint
-            satisfied; for a toxicity classifier, `1 - toxicity`).
+            Satisfaction threshold. Oracles return a satisfaction score in `[0, 1]` (1 = constraint satisfied; for a
+            toxicity classifier, `1 - toxicity`); a sample scored below it is unsatisfied (`oracle/satisfaction`, the
+            samples `regularized_samples` picks, the corpus-prefix rollouts), and with hard labels it sets the label.
         oracle_weights (`list[float]`, *optional*):
             Weights of the oracles when several are given (non-negative, with a positive sum); their scores are
             combined by a weighted mean. Defaults to equal weights.
@@ -201,7 +202,10 @@ class CADETConfig(SFTConfig):
     )
     oracle_threshold: float = field(
         default=0.5,
-        metadata={"help": "Satisfaction threshold for hard labels (oracles return 1 when the constraint holds)."},
+        metadata={
+            "help": "Satisfaction threshold: scores below it are unsatisfied, and with hard labels get label 0 "
+            "(oracles return 1 when the constraint holds)."
+        },
     )
     oracle_weights: list[float] | None = field(
         default=None,

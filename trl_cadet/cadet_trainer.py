@@ -681,8 +681,8 @@ class CADETTrainer(SFTTrainer):
             logger.warning(
                 "Every sample of round %d got the label %s, so the NADO model has nothing to tell apart and the "
                 "regulariser stays weak. Sample more (`prompts_per_round`, `num_generations`), include prompts that "
-                "elicit violations, or check the oracle's scores (with `oracle_labels='hard'`, change `oracle_threshold` or use "
-                "`oracle_labels='soft'`).",
+                "elicit violations, or check the oracle's scores (with `oracle_labels='hard'`, change `oracle_threshold` "
+                "or use `oracle_labels='soft'`).",
                 result.round,
                 result.samples.labels[0],
             )
