@@ -73,6 +73,7 @@ def make_trainer(
     samples_per_step: int | None = None,
     which_samples: str = "all",
     max_grad_ratio: float | None = None,
+    grad_ratio_steps: int = 1,
 ):
     from trl import SFTConfig, SFTTrainer
 
@@ -106,6 +107,7 @@ def make_trainer(
             regularized_samples=which_samples,
             samples_per_step=samples_per_step,
             cadet_max_grad_ratio=max_grad_ratio,
+            cadet_grad_ratio_steps=grad_ratio_steps,
         ),
         train_dataset=corpus(),
         processing_class=tokenizer,
@@ -163,6 +165,7 @@ def time_steps(trainer, steps: int, warmup: int = 2) -> list[float]:
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
+        trainer.state.global_step += 1  # as the training loop: `cadet_grad_ratio_steps` counts optimisation steps
         if _cuda():
             torch.cuda.synchronize()
         if i >= warmup:
@@ -207,6 +210,7 @@ def breakdown(trainer, steps: int) -> dict[str, float]:
         if corpus_kl is not None or sample_kl is not None:
             regulariser = trainer._omega(corpus_kl, sample_kl)
             if trainer.args.cadet_max_grad_ratio is not None:  # the LM loss's and Ω's gradients, one pass each
+                trainer._omega_scale = None  # a measured step, whatever `cadet_grad_ratio_steps`
                 loss = trainer._bounded_regulariser(model, lm_loss, regulariser)
             else:
                 loss = loss + regulariser
@@ -229,6 +233,7 @@ def peak_memory(
     samples_per_step: int | None = None,
     which_samples: str = "all",
     max_grad_ratio: float | None = None,
+    grad_ratio_steps: int = 1,
 ) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
@@ -236,7 +241,7 @@ def peak_memory(
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
         f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}, "
-        f"{samples_per_step!r}, {which_samples!r}, {max_grad_ratio!r}); "
+        f"{samples_per_step!r}, {which_samples!r}, {max_grad_ratio!r}, {grad_ratio_steps!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -278,6 +283,13 @@ def main(argv=None):
         default=None,
         help="Bound Ω's gradient at this multiple of the LM loss's (the two gradients taken apart each step).",
     )
+    parser.add_argument(
+        "--cadet_grad_ratio_steps",
+        type=int,
+        default=1,
+        help="With --cadet_max_grad_ratio, take the two gradients apart every this many steps. A step's time is then "
+        "the median, over runs of this many steps, of their mean.",
+    )
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
 
@@ -292,6 +304,9 @@ def main(argv=None):
         row["samples_per_step"] = args.samples_per_step
         row["regularized_samples"] = args.regularized_samples
         row["cadet_max_grad_ratio"] = args.cadet_max_grad_ratio
+        row["cadet_grad_ratio_steps"] = args.cadet_grad_ratio_steps
+        cycle = args.cadet_grad_ratio_steps if args.cadet_max_grad_ratio is not None else 1
+        steps = -(-args.steps // cycle) * cycle  # whole cycles, each with one measured step
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
@@ -306,8 +321,12 @@ def main(argv=None):
                     args.samples_per_step,
                     args.regularized_samples,
                     args.cadet_max_grad_ratio,
+                    args.cadet_grad_ratio_steps,
                 )
-                row[f"{kind}_step_s"] = statistics.median(time_steps(trainer, args.steps))
+                times = time_steps(trainer, steps)
+                row[f"{kind}_step_s"] = statistics.median(
+                    statistics.fmean(times[i : i + cycle]) for i in range(0, steps, cycle)
+                )
                 if kind == "cadet":
                     row["cadet_parts_s"] = breakdown(trainer, max(3, args.steps // 2))
             if not args.no_memory:
@@ -321,6 +340,7 @@ def main(argv=None):
                     args.samples_per_step,
                     args.regularized_samples,
                     args.cadet_max_grad_ratio,
+                    args.cadet_grad_ratio_steps,
                 )
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
@@ -332,6 +352,8 @@ def main(argv=None):
     where += " positions"
     if args.cadet_max_grad_ratio is not None:
         where += f", its gradient bounded at {args.cadet_max_grad_ratio}x the LM loss's"
+        if args.cadet_grad_ratio_steps > 1:
+            where += f" (measured every {args.cadet_grad_ratio_steps} steps)"
     print(f"\nStep time, CADET (λ=1, regulariser on {where}) vs SFT, same batch ({device})\n")
     header = ["model", "batch", "SFT step (s)", "CADET step (s)", "ratio", "SFT peak MiB", "CADET peak MiB"]
     lines = [header]

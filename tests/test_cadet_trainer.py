@@ -242,10 +242,17 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "schedule, positions", [("sequential", "corpus"), ("parallel", "corpus"), ("parallel", "samples")]
+    "schedule, positions, bound",
+    [("sequential", "corpus", False), ("parallel", "corpus", False), ("parallel", "samples", False)]
+    + [("sequential", "corpus", True)],
 )
-def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions):
+def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions, bound):
     from tiny_llama import build_llama
+
+    # With the bound measured every 4th step, the checkpoint at step 3 holds the factor that steps 3 (resumed) reuses
+    bounded = (
+        dict(cadet_lambda=50.0, cadet_max_grad_ratio=0.5, cadet_grad_ratio_steps=4, steps_per_round=4) if bound else {}
+    )
 
     def run(output_dir, resume=None):
         trainer = CADETTrainer(
@@ -262,6 +269,7 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
                 lambda_lr=2.0,
                 target_satisfaction=0.99,
                 regularized_positions=positions,
+                **bounded,
             ),
             train_dataset=corpus(),
             processing_class=tokenizer,
@@ -280,6 +288,9 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
         assert resumed_losses[step] == losses[step], step
         assert resumed_lambdas[step] == lambdas[step], step
     assert len(set(lambdas.values())) > 1, "λ should move under the adaptive schedule"
+    if bound:
+        scales = [e["cadet/omega_scale"] for e in resumed.state.log_history if "cadet/omega_scale" in e]
+        assert min(scales) < 1.0, "the bound should bind"
 
 
 def test_save_model_writes_nado_and_model_card(tokenizer, tiny_llama, tmp_path):
@@ -523,6 +534,37 @@ def test_max_grad_ratio_trains_lora_adapters_under_gradient_checkpointing(tokeni
     assert len(scales) == args.max_steps and min(scales) < 1.0
     changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_grad_ratio_steps_measures_every_kth_step_and_after_each_new_nado(
+    tokenizer, tiny_llama, tmp_path, monkeypatch
+):
+    """With `cadet_grad_ratio_steps` k, the two gradients are taken apart (two backward passes) at every k-th step and
+    at the first step after a new NADO model; the steps in between scale λ·Ω by the factor last measured."""
+    args = tiny_cadet_config(
+        tmp_path,
+        max_steps=8,
+        steps_per_round=4,
+        cadet_lambda=50.0,
+        cadet_max_grad_ratio=0.5,
+        cadet_grad_ratio_steps=3,
+    )
+    trainer = CADETTrainer(
+        model=tiny_llama, oracle_funcs=no_bad_word, args=args, train_dataset=corpus(), processing_class=tokenizer
+    )
+    grad, calls = torch.autograd.grad, []
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: calls.append(1) or grad(*a, **kw))
+    trainer.train()
+    logs = {e["step"]: e for e in trainer.state.log_history if "cadet/omega_scale" in e}
+    assert sorted(logs) == list(range(1, 9))
+    # Steps 0 and 3 (every third), 4 (a new round's NADO) and 7; logged as steps 1, 4, 5 and 8
+    assert [step for step, e in logs.items() if "cadet/grad_ratio" in e] == [1, 4, 5, 8]
+    assert len(calls) == 2 * 4
+    for reused, measured in ((2, 1), (3, 1), (6, 5), (7, 5)):
+        assert logs[reused]["cadet/omega_scale"] == logs[measured]["cadet/omega_scale"]
+    assert min(e["cadet/omega_scale"] for e in logs.values()) < 1.0  # the bound binds
+    with pytest.raises(ValueError, match="cadet_grad_ratio_steps"):
+        tiny_cadet_config(tmp_path, cadet_grad_ratio_steps=0)
 
 
 def logged_metric(trainer, key):

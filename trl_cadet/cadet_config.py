@@ -172,6 +172,11 @@ class CADETConfig(SFTConfig):
             are taken apart; small with LoRA), and needs the whole trainable parameters on each process: not with
             DeepSpeed or FSDP. The two gradients are taken without fp16's loss scaling: prefer bf16 to fp16 with it.
             `None` bounds nothing.
+        cadet_grad_ratio_steps (`int`, *optional*, defaults to `1`):
+            With `cadet_max_grad_ratio`, how often the two gradients are taken apart: every `k`-th optimisation step,
+            and at the first step after each new NADO model (when the regulariser's gradient jumps); the steps in
+            between scale `λ · Ω` by the factor last measured, at no extra cost. `1` measures every step (one more
+            backward pass each); `k` costs one more backward pass every `k` steps.
 
         > Parameters that control the rounds
 
@@ -409,6 +414,14 @@ class CADETConfig(SFTConfig):
         },
     )
 
+    cadet_grad_ratio_steps: int = field(
+        default=1,
+        metadata={
+            "help": "With `cadet_max_grad_ratio`, take the two gradients apart every this many steps and after each new "
+            "NADO model; in between, reuse the last factor."
+        },
+    )
+
     # Parameters that control the rounds
     steps_per_round: int = field(
         default=50,
@@ -450,6 +463,7 @@ class CADETConfig(SFTConfig):
             "nado_batch_size",
             "steps_per_round",
             "corpus_prompt_length",
+            "cadet_grad_ratio_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -412,6 +412,8 @@ class CADETTrainer(SFTTrainer):
         self.oracle_blocking_s, self.last_oracle_blocking_s = 0.0, 0.0
         self._head_gives_logits: bool | None = None  # decided on the first batch, see `_trained_logits`
         self._neutral_end_ids: torch.Tensor | None = None  # see `_neutral_tokens`
+        # With `cadet_max_grad_ratio`: `(step, factor)` of the latest measured bound, reused until it is due again
+        self._omega_scale: tuple[int, float] | None = None
         self.add_callback(_RoundTimer(self))
         # Trainer's progress bar estimates the time left from its recent steps, oracle phase included
         if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
@@ -639,6 +641,7 @@ class CADETTrainer(SFTTrainer):
             + int(result.metrics.get("oracle/bisection_calls", 0))
         )
         self._latest_samples = result.samples
+        self._omega_scale = None  # a new NADO model: measure the bound again at the next step
         self._warn_about_labels(result)
         if self.args.lambda_schedule == "adaptive" and result.satisfaction is not None:
             self.cadet_lambda = adaptive_lambda(
@@ -786,7 +789,15 @@ class CADETTrainer(SFTTrainer):
     def _bounded_regulariser(self, model, lm_loss: torch.Tensor, regulariser: torch.Tensor) -> torch.Tensor:
         """`lm_loss + s · regulariser`, with `s = min(1, cadet_max_grad_ratio · |∇ lm_loss| / |∇ regulariser|)` over the
         trainable parameters. The two gradients are taken apart here (one backward pass each); the loss returned
-        carries their combination to the trainer's backward pass, which then only adds it to the parameters."""
+        carries their combination to the trainer's backward pass, which then only adds it to the parameters. Between
+        measurements (`cadet_grad_ratio_steps`), `s` is the last measured factor and nothing is taken apart."""
+        step = self.state.global_step
+        if self._omega_scale is not None:
+            measured_at, scale = self._omega_scale
+            # The micro-batches of a measured step are each measured
+            if measured_at < step < measured_at + self.args.cadet_grad_ratio_steps:
+                self._metrics["train"]["cadet/omega_scale"].append(scale)
+                return lm_loss + scale * regulariser
         params = [p for p in model.parameters() if p.requires_grad]
 
         def gradient(term):
@@ -801,6 +812,7 @@ class CADETTrainer(SFTTrainer):
         scale = torch.clamp(self.args.cadet_max_grad_ratio * lm_norm / omega_norm.clamp(min=1e-12), max=1.0)
         self._metrics["train"]["cadet/grad_ratio"].append((omega_norm / lm_norm.clamp(min=1e-12)).item())
         self._metrics["train"]["cadet/omega_scale"].append(scale.item())
+        self._omega_scale = (step, scale.item())
         # A loss whose gradient is the combined one and whose value is the scaled loss
         carrier = sum(((a + scale * b).detach() * p).sum() for a, b, p in zip(lm_grads, omega_grads, params))
         return carrier - carrier.detach() + (lm_loss + scale * regulariser).detach()
@@ -1051,6 +1063,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
             "current_round": self.current_round,
             "nado_source_round": self.nado_source_round,
             "oracle_calls": self.oracle_calls,
+            "omega_scale": self._omega_scale,
             "latest_samples": self._latest_samples.to_dict(),
             "corpus_samples": None if self._corpus_samples is None else self._corpus_samples.to_dict(),
             "rollout_prefixes": None if self._rollout_prefixes is None else self._rollout_prefixes.to_dict(),
@@ -1121,6 +1134,8 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
         self.nado_source_round = state["nado_source_round"]
         self.oracle_calls = state["oracle_calls"]
         self._latest_samples = Samples(**state["latest_samples"])
+        scale = state.get("omega_scale")  # absent from checkpoints of older versions: measured again
+        self._omega_scale = None if scale is None else (int(scale[0]), float(scale[1]))
         corpus = state.get("corpus_samples")
         self._corpus_samples = None if corpus is None else Samples(**corpus)
         prefixes = state.get("rollout_prefixes")  # absent from checkpoints of older versions
