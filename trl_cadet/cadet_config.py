@@ -413,7 +413,6 @@ class CADETConfig(SFTConfig):
             "trainable parameters (one more backward pass a step). None bounds nothing."
         },
     )
-
     cadet_grad_ratio_steps: int = field(
         default=1,
         metadata={
