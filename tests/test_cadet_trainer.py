@@ -249,7 +249,7 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
 def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions, bound):
     from tiny_llama import build_llama
 
-    # With the bound measured every 4th step, the checkpoint at step 3 holds the factor that steps 3 (resumed) reuses
+    # With the bound measured every 4th step, the checkpoint at step 3 holds the factor that step 3 (resumed) reuses
     bounded = (
         dict(cadet_lambda=50.0, cadet_max_grad_ratio=0.5, cadet_grad_ratio_steps=4, steps_per_round=4) if bound else {}
     )
