@@ -116,6 +116,41 @@ def test_nado_staleness_per_schedule(tokenizer, tiny_llama, tmp_path, schedule, 
         assert source == max(round_index - lag, 0)
 
 
+@pytest.mark.parametrize("schedule, warm_start", [("sequential", True), ("sequential", False), ("parallel", False)])
+def test_nado_warm_start_or_each_phase_from_the_start(
+    tokenizer, tiny_llama, tmp_path, monkeypatch, schedule, warm_start
+):
+    """Warm start: each oracle phase trains on from the last phase's NADO weights and AdamW state. Without it, every
+    phase starts from the initial NADO model with an empty AdamW state."""
+    from trl_cadet import oracle_phase
+
+    phases, train_nado = [], oracle_phase.train_nado
+
+    def recording(policy, nado, optimizer, *args, **kwargs):
+        start = {k: v.clone() for k, v in nado.state_dict().items()}
+        optimizer_state = len(optimizer.state)
+        metrics = train_nado(policy, nado, optimizer, *args, **kwargs)
+        phases.append((start, optimizer_state, {k: v.clone() for k, v in nado.state_dict().items()}))
+        return metrics
+
+    monkeypatch.setattr(oracle_phase, "train_nado", recording)
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, round_schedule=schedule, max_steps=6, nado_warm_start=warm_start),
+        train_dataset=corpus(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert len(phases) == 3
+    initial = phases[0][0]
+    for (start, optimizer_state, _), (_, _, last) in zip(phases[1:], phases, strict=False):
+        assert any(not torch.equal(last[k], initial[k]) for k in initial), "the last phase should have trained it"
+        same_as = last if warm_start else initial
+        assert all(torch.equal(start[k], same_as[k]) for k in initial)
+        assert (optimizer_state > 0) == warm_start
+
+
 def test_parallel_schedule_overlaps_the_two_phases(tokenizer, tiny_llama, tmp_path):
     """The oracle phase runs in another thread while optimisation steps go on."""
     oracle_windows, step_times = [], []
@@ -242,17 +277,20 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "schedule, positions, bound",
-    [("sequential", "corpus", False), ("parallel", "corpus", False), ("parallel", "samples", False)]
-    + [("sequential", "corpus", True)],
+    "schedule, positions, variant",
+    [("sequential", "corpus", None), ("parallel", "corpus", None), ("parallel", "samples", None)]
+    + [("sequential", "corpus", "bound"), ("sequential", "corpus", "no warm start")],
 )
-def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions, bound):
+def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions, variant):
     from tiny_llama import build_llama
 
+    bound = variant == "bound"
     # With the bound measured every 4th step, the checkpoint at step 3 holds the factor that step 3 (resumed) reuses
-    bounded = (
+    options = (
         dict(cadet_lambda=50.0, cadet_max_grad_ratio=0.5, cadet_grad_ratio_steps=4, steps_per_round=4) if bound else {}
     )
+    if variant == "no warm start":  # the resumed run trains its next NADO model from the same initial one
+        options["nado_warm_start"] = False
 
     def run(output_dir, resume=None):
         trainer = CADETTrainer(
@@ -269,7 +307,7 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
                 lambda_lr=2.0,
                 target_satisfaction=0.99,
                 regularized_positions=positions,
-                **bounded,
+                **options,
             ),
             train_dataset=corpus(),
             processing_class=tokenizer,

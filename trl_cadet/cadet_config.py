@@ -303,6 +303,13 @@ class CADETConfig(SFTConfig):
         default=2,
         metadata={"help": "Passes over a round's samples when training the NADO model."},
     )
+    nado_warm_start: bool = field(
+        default=True,
+        metadata={
+            "help": "Each oracle phase continues training the last phase's NADO model (its weights and AdamW state). "
+            "False trains each phase's NADO model from the start (zero-initialised, or `nado_model_name_or_path`)."
+        },
+    )
     nado_batch_size: int = field(
         default=8,
         metadata={"help": "Completions per NADO training step."},

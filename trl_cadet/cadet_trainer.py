@@ -391,6 +391,10 @@ class CADETTrainer(SFTTrainer):
         self._nado_train.requires_grad_(True)
         self.nado_optimizer = torch.optim.AdamW(self._nado_train.parameters(), lr=args.nado_learning_rate)
         self._nado_train.requires_grad_(False)
+        # Without warm start, each oracle phase trains the NADO model from this state
+        self._nado_initial = (
+            None if args.nado_warm_start else {k: v.detach().clone() for k, v in self._nado_train.state_dict().items()}
+        )
 
         # Round state: everything here is saved in checkpoints
         self.cadet_lambda = args.cadet_lambda
@@ -517,6 +521,9 @@ class CADETTrainer(SFTTrainer):
         prompts, prompt_ids = self._round_prompts(round_index)
         if self._corpus_samples is None and len(self._corpus_completions.prompts):
             self._label_corpus()  # the first phase, which runs in the foreground in both schedules
+        if self._nado_initial is not None:  # a NADO model trained from the start, on this phase's samples only
+            self._nado_train.load_state_dict(self._nado_initial)
+            self.nado_optimizer.state.clear()
         result = run_oracle_phase(
             policy,
             self._nado_train,
