@@ -195,6 +195,15 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
         whole, by_sentence = map(float, line.split(f"{judge}: ")[1].split()[:3:2])
         assert whole == pytest.approx(cadet["toxicity"][judge]["expected_max_toxicity"], abs=6e-4)
         assert by_sentence >= whole
+    # sample_fluency.py scores the saved samples under the base model again: over all prompts it gives the table's
+    # generation perplexity, and it splits the prompts into benign ones and taunts
+    fluency = run_benchmark(
+        "sample_fluency.py", "--runs", str(tmp_path), "--model", "tiny", "--output_dir", str(tmp_path)
+    )
+    line = next(line for line in fluency.stdout.splitlines() if line.split()[1:2] == ["cadet"])  # the steps row
+    numbers = [float(x) for x in line.replace("(", " ").replace(")", " ").split()[2:]]
+    assert numbers[0] == pytest.approx(cadet["fluency"]["generation_perplexity"], rel=1e-4)
+    assert numbers[2] + numbers[4] == len(cadet["report"]["samples"])
     assert (tmp_path / "quality_steps.png").is_file() and (tmp_path / "quality_oracle_calls.png").is_file()
 
 
