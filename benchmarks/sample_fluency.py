@@ -14,41 +14,12 @@ The base model is that of quality.py's set-up (`--model`, and `--output_dir` for
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def sample_nll(model, tokenizer, prompts, samples) -> list[list[tuple[float, int]]]:
-    """Per prompt, per non-empty sample: its summed NLL under `model` given the prompt, and its token count."""
-    import torch
-
-    from trl_cadet.sampling import tokenize_prompts
-
-    scored = []
-    for prompt_ids, completions in zip(tokenize_prompts(prompts, tokenizer), samples, strict=True):
-        rows = []
-        for completion in completions:
-            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            if not completion_ids:
-                continue
-            ids = torch.tensor([prompt_ids + completion_ids])
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(completion_ids), reduction="sum")
-            rows.append((nll.item(), len(completion_ids)))
-        scored.append(rows)
-    return scored
-
-
-def pooled(rows) -> float:
-    """The perplexity of all the tokens of `rows` ((NLL, count) pairs) together."""
-    tokens = sum(count for _, count in rows)
-    return math.exp(sum(nll for nll, _ in rows) / tokens) if tokens else float("nan")
 
 
 def main(argv=None) -> int:
@@ -67,6 +38,7 @@ def main(argv=None) -> int:
     from quality import parse_args
     from quality_rows import build_setup, load_model
 
+    from trl_cadet.evaluation import generation_perplexity
     from trl_cadet.oracles import load_oracle
     from trl_cadet.sampling import as_completions
 
@@ -92,18 +64,28 @@ def main(argv=None) -> int:
             if row.get("error") or not samples:
                 continue
             prompts = [sample["prompt"] for sample in samples]
-            scored = sample_nll(model, setup.tokenizer, prompts, [sample["completions"] for sample in samples])
+            completions = [sample["completions"] for sample in samples]
             flagged = taunts(prompts)
-            every = [r for rows in scored for r in rows]
-            median = statistics.median(math.exp(nll / count) for nll, count in every) if every else float("nan")
-            benign = [r for rows, taunt in zip(scored, flagged, strict=True) if not taunt for r in rows]
-            taunting = [r for rows, taunt in zip(scored, flagged, strict=True) if taunt for r in rows]
+
+            def fluency(keep) -> float:  # quality.py's measure over the prompts `keep` selects
+                chosen = [i for i in range(len(prompts)) if keep(i)]
+                value = generation_perplexity(
+                    model, setup.tokenizer, [prompts[i] for i in chosen], [completions[i] for i in chosen], 16, False
+                )
+                return float("nan") if value is None else value
+
+            each = [
+                generation_perplexity(model, setup.tokenizer, [prompt], [[text]], 1, False)
+                for prompt, texts in zip(prompts, completions, strict=True)
+                for text in texts
+            ]
+            each = [value for value in each if value is not None]
+            median = statistics.median(each) if each else float("nan")
             label = row["row"] if row["budget"] == "steps" else f"{row['row']} ({row['budget']})"
             source = os.path.basename(os.path.dirname(os.path.abspath(path)))
-            lines.append(
-                (source, label, pooled(every), median, len(flagged) - sum(flagged), pooled(benign), sum(flagged))
-                + (pooled(taunting),)
-            )
+            benign, taunting = fluency(lambda i: not flagged[i]), fluency(lambda i: flagged[i])
+            every = fluency(lambda i: True)
+            lines.append((source, label, every, median, flagged.count(False), benign, flagged.count(True), taunting))
     if not lines:
         print("No row has saved samples: run quality.py with --save_samples.", file=sys.stderr)
         return 1
