@@ -279,7 +279,8 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
 @pytest.mark.parametrize(
     "schedule, positions, variant",
     [("sequential", "corpus", None), ("parallel", "corpus", None), ("parallel", "samples", None)]
-    + [("sequential", "corpus", "bound"), ("sequential", "corpus", "no warm start")],
+    + [("sequential", "corpus", "bound"), ("sequential", "corpus", "no warm start")]
+    + [("sequential", "corpus", "unsatisfied corpus")],
 )
 def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions, variant):
     from tiny_llama import build_llama
@@ -291,6 +292,8 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
     )
     if variant == "no warm start":  # the resumed run trains its next NADO model from the same initial one
         options["nado_warm_start"] = False
+    if variant == "unsatisfied corpus":  # the resumed run knows the completions labelled before the checkpoint
+        options["regularized_corpus"] = "unsatisfied"
 
     def run(output_dir, resume=None):
         trainer = CADETTrainer(
@@ -317,7 +320,7 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
         lambdas = {e["step"]: e["cadet/lambda"] for e in trainer.state.log_history if "cadet/lambda" in e}
         return trainer, losses, lambdas
 
-    _, losses, lambdas = run(tmp_path / "full")
+    full, losses, lambdas = run(tmp_path / "full")
     resumed, resumed_losses, resumed_lambdas = run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-3"))
     # Bit for bit, in the parallel schedule too: its background phase runs on a snapshot that shares nothing with the
     # model being trained and samples through an RNG of its own (with Ω on the samples, the background phase's samples
@@ -326,6 +329,7 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
         assert resumed_losses[step] == losses[step], step
         assert resumed_lambdas[step] == lambdas[step], step
     assert len(set(lambdas.values())) > 1, "λ should move under the adaptive schedule"
+    assert resumed.oracle_calls == full.oracle_calls
     if bound:
         scales = [e["cadet/omega_scale"] for e in resumed.state.log_history if "cadet/omega_scale" in e]
         assert min(scales) < 1.0, "the bound should bind"

@@ -90,6 +90,61 @@ def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, t
     assert per_context[trained & ~assistant].mean().item() != pytest.approx(logged, rel=2e-3)  # noise: ~1e-6
 
 
+def test_omega_on_unsatisfied_corpus_completions_covers_those_turns_only(tokenizer, tiny_llama, tmp_path):
+    """`regularized_corpus="unsatisfied"`: Ω is the KL at the positions of the assistant turns the oracle scores
+    unsatisfied, 0 elsewhere, averaged over every assistant position; each turn of each row is judged once, as TRL's
+    reward functions are called (the conversation before it, the turn as a message), and counted."""
+    judged = []
+
+    def oracle(prompts, completions, **kwargs):
+        for prompt, completion in zip(prompts, completions, strict=True):
+            judged.append((tuple(m["content"] for m in prompt), completion[-1]["content"]))
+        return [0.0 if BAD_WORD in c[-1]["content"] else 1.0 for c in completions]
+
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=oracle,
+        args=tiny_cadet_config(tmp_path, regularized_corpus="unsatisfied", cadet_lambda=1.0),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    logged, lm_logits, nado_logits, trained, assistant = _omega_batch(trainer)
+    per_context = cadet_kl(
+        lm_logits,
+        nado_logits,
+        reduction="none",
+        min_p=trainer.args.cadet_min_p,
+        demote_only=trainer.args.cadet_demote_only,
+        neutral_tokens=trainer._neutral_tokens("cpu"),
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    # The first reply of a row with the insult is the only unsatisfied turn: its positions, row by row
+    unsatisfied = torch.zeros_like(assistant)
+    for row in range(len(assistant)):
+        columns = (trained[row] & assistant[row]).nonzero()[:, 0]
+        first_turn = columns[: int((columns.diff() > 1).nonzero()[0, 0]) + 1]
+        if BAD_WORD in tokenizer.decode(batch["input_ids"][row]):
+            unsatisfied[row, first_turn] = True
+    positions = trained & assistant
+    assert 0 < unsatisfied.sum() < positions.sum() / 4  # the batch holds both kinds of row
+    assert logged == pytest.approx((per_context[unsatisfied].sum() / positions.sum()).item(), rel=1e-4)
+    assert logged != pytest.approx(per_context[positions].mean().item(), rel=2e-3)
+
+    # Both turns of the two distinct conversations (identical rows share their judgements), each after the
+    # conversation before it, then never again
+    assert len(judged) == 4 == trainer.oracle_calls
+    assert {prompt[-1] for prompt, _ in judged} == {"hello there, how are you today?", "what is your favourite book?"}
+    assert {len(prompt) for prompt, _ in judged} == {2, 4}
+    assert {text for _, text in judged} == {f"you are an {BAD_WORD}", "good morning", "stories about ships"}
+    calls = trainer.oracle_calls
+    trainer.compute_loss(trainer.model, batch)
+    assert len(judged) == trainer.oracle_calls == calls  # labelled already
+    # A batch with nothing unsatisfied has Ω = 0 and a loss to step on
+    trainer._corpus_scores = dict.fromkeys(trainer._corpus_scores, 1.0)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert trainer._metrics["train"]["cadet/kl"][-1] == 0.0 and loss.requires_grad
+
+
 def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
     """`cadet_min_p`, `cadet_demote_only`, `cadet_demote_below` and `cadet_safe_ratio` reach the regulariser: the
     logged Ω is the KL to the capped target, not to the plain one."""

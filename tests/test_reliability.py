@@ -183,11 +183,31 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
         (dict(cadet_safe_ratio=0.0), r"`cadet_safe_ratio` must be in \(0, 1\]"),
         (dict(cadet_demote_below=1.5), r"`cadet_demote_below` must be in \(0, 1\]"),
         (dict(cadet_demote_only=False, cadet_demote_below=0.8), "set `cadet_demote_only=True`"),
+        (
+            dict(regularized_corpus="unsatisfied", regularized_positions="samples"),
+            r"`regularized_corpus='unsatisfied'` chooses among the training batch's completions",
+        ),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_cadet_config(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("how", ["packing", "padding_free", "streamed"])
+def test_judging_the_corpus_completions_needs_rows_it_can_look_up(tokenizer, tmp_path, how):
+    """`regularized_corpus="unsatisfied"` finds a batch row's example by its tokens: refused, before the model is
+    loaded, where the rows are joined or cannot be looked up."""
+    options = {how: True} if how != "streamed" else {}
+    train_dataset = corpus().to_iterable_dataset() if how == "streamed" else corpus()
+    with pytest.raises(ValueError, match=r"`regularized_corpus='unsatisfied'` judges each completion.*'all'"):
+        CADETTrainer(
+            model=NO_MODEL,
+            oracle_funcs=no_bad_word,
+            args=tiny_cadet_config(tmp_path, regularized_corpus="unsatisfied", **options),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_oracle_weights_must_match_the_oracles(tokenizer, tmp_path):

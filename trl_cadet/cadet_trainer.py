@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from .data_utils import (
     formatted_corpus,
     oracle_prompts,
     prompt_column,
+    row_completions,
     tokenizer_of,
 )
 from .modeling_nado import (
@@ -66,7 +68,7 @@ from .oracle_phase import (
     run_oracle_phase,
     snapshot_policy,
 )
-from .oracles.base import OraclePhaseStopped, oracle_name
+from .oracles.base import OraclePhaseStopped, call_oracles, oracle_name
 from .oracles.registry import load_oracle
 from .progress import RoundProgressCallback
 from .sampling import end_token_ids
@@ -93,6 +95,11 @@ def _check_nado_fits(nado_config: NADOConfig, lm: PreTrainedModel) -> None:
             f"the LM has {vocab_size} logits and {hidden_size}-wide states. Use a NADO model trained for this LM, or "
             "leave `nado_model`/`nado_model_name_or_path` unset to start from a new one."
         )
+
+
+def _tokens_key(tokens) -> bytes:
+    """A short key for a row's token ids (a list or a 1-D tensor)."""
+    return hashlib.blake2b(torch.as_tensor(tokens, dtype=torch.int64).numpy().tobytes(), digest_size=16).digest()
 
 
 def _pad_front(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -227,6 +234,8 @@ class CADETTrainer(SFTTrainer):
         corpus = train_dataset
         if formatting_func is not None:
             corpus = formatted_corpus(train_dataset, formatting_func, args.dataset_text_field)
+        if args.regularized_corpus == "unsatisfied":
+            self._check_rows_can_be_judged(args, train_dataset, eval_dataset)
         prompt_source, prompt_source_name = (
             (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (corpus, "train_dataset")
         )
@@ -284,6 +293,20 @@ class CADETTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
         self.oracle_funcs = oracle_funcs
+        # With `regularized_corpus="unsatisfied"`: the examples of the training and evaluation corpora, and each
+        # tokenized row's (source, index) by its tokens, so that a batch's completions are judged as TRL's reward
+        # functions are called (see `_in_unsatisfied_completions`)
+        self._corpora: dict[str, Dataset] = {}
+        self._corpus_rows: dict[bytes, tuple[str, int]] = {}
+        if args.regularized_corpus == "unsatisfied":
+            self._index_corpus_rows("train", corpus, self.train_dataset)
+            evaluated = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+            prepared = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+            for name, dataset in evaluated.items():
+                if dataset is not None:
+                    if formatting_func is not None:
+                        dataset = formatted_corpus(dataset, formatting_func, args.dataset_text_field)
+                    self._index_corpus_rows(f"eval:{name}", dataset, prepared[name])
         # The oracle phase runs the policy in eval mode, which on some CPUs makes bitsandbytes repack 4-bit weights
         # into a layout gradients do not flow through
         keep_4bit_layers_trainable(self.model)
@@ -402,6 +425,9 @@ class CADETTrainer(SFTTrainer):
         self.nado_source_round: int | None = None  # the round whose policy generated the NADO's training samples
         self.oracle_calls = 0
         self._latest_samples = Samples()
+        # With `regularized_corpus="unsatisfied"`: the oracles' score of each corpus completion met so far, by
+        # "source:row:completion"
+        self._corpus_scores: dict[str, float] = {}
         self._corpus_samples: Samples | None = None  # the labelled corpus completions, once the first phase ran
         self._rollout_prefixes: RolloutPrefixes | None = None  # where corpus-prefix rollouts start, found then too
         # The oracle phase whose NADO model is not installed yet: running in the background (parallel schedule), or
@@ -423,6 +449,36 @@ class CADETTrainer(SFTTrainer):
         if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
             self.callback_handler.pop_callback(ProgressCallback)
             self.add_callback(RoundProgressCallback(self))
+
+    @staticmethod
+    def _check_rows_can_be_judged(args: CADETConfig, train_dataset, eval_dataset) -> None:
+        evaluated = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        if isinstance(train_dataset, IterableDataset) or any(isinstance(d, IterableDataset) for d in evaluated):
+            problem = "a corpus is streamed (an `IterableDataset`), so its rows cannot be looked up"
+        elif args.packing or args.eval_packing or args.padding_free:
+            problem = "packing and padding-free batches join rows"
+        elif (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+            problem = "with `skip_prepare_dataset` the rows hold tokens only, no completion to judge"
+        else:
+            return
+        raise ValueError(
+            f"`regularized_corpus='unsatisfied'` judges each completion of a batch through the example it was "
+            f"tokenized from, but {problem}. Pass a `Dataset` without packing or padding-free batches, or set "
+            "`regularized_corpus='all'`."
+        )
+
+    def _index_corpus_rows(self, source: str, examples: Dataset, prepared: Dataset) -> None:
+        """Keep `examples` as `source` and find each of its rows by the tokens SFTTrainer made of it (`prepared`, in
+        the same order)."""
+        if len(examples) != len(prepared):
+            raise ValueError(
+                f"The {source} corpus has {len(examples)} examples but {len(prepared)} tokenized rows, so "
+                "`regularized_corpus='unsatisfied'` cannot tell which example a row comes from. Filter the dataset "
+                "before passing it, or set `regularized_corpus='all'`."
+            )
+        self._corpora[source] = examples
+        for index, tokens in enumerate(prepared["input_ids"]):
+            self._corpus_rows.setdefault(_tokens_key(tokens), (source, index))
 
     @staticmethod
     def _check_pad_token(tokenizer: PreTrainedTokenizerBase, args: CADETConfig) -> None:
@@ -710,6 +766,15 @@ class CADETTrainer(SFTTrainer):
         if attention_mask is not None:
             attention_mask = _pad_front(attention_mask, virtual, 1)
         omega = self._omega_positions(inputs["input_ids"], mask)
+        positions = self.args.regularized_positions
+        # Ω's corpus positions: all of `omega`, or those in the completions the oracles score unsatisfied
+        regularized = omega
+        if self.args.regularized_corpus == "unsatisfied" and positions != "samples" and self._has_nado:
+            regularized = omega & self._in_unsatisfied_completions(inputs["input_ids"], attention_mask, mask, omega)
+            share = regularized.sum() / omega.sum().clamp(min=1)
+            self._metrics[mode]["cadet/regularized_share"].append(
+                self.accelerator.gather_for_metrics(share).mean().item()
+            )
 
         # LM loss, normalised like SFTTrainer's: by the trained-on tokens of the whole batch when known. log p is
         # computed once, for the LM loss and the regulariser
@@ -732,7 +797,6 @@ class CADETTrainer(SFTTrainer):
             lm_loss = lm_loss * self.accelerator.num_processes
         loss = lm_loss
 
-        positions = self.args.regularized_positions
         lam = self.cadet_lambda
         # Ω is one mean over its positions (METHOD.md): the corpus's assistant tokens and, with
         # `regularized_positions="both"`, the oracle samples' completion tokens, so that λ depends neither on the
@@ -743,16 +807,23 @@ class CADETTrainer(SFTTrainer):
         corpus_kl = sample_kl = None
         kl = torch.zeros((), device=logits.device)
         if positions in ("corpus", "both") and self._has_nado and omega.any():
-            hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
-            embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
-            with torch.no_grad():
-                if self.nado.config.num_layers:
-                    nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask][omega]
-                else:  # the head is position-wise: score Ω's positions only
-                    nado_logits = self.nado(hidden[mask][omega], output_embeddings=embeddings)
-            # Only Ω's rows of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the trained
-            # positions)
-            corpus_kl = self._position_kl(logits[omega], nado_logits, lm_logprobs=log_p[omega])
+            corpus_kl = logits.new_zeros(0, dtype=torch.float32)
+            if regularized.any():
+                hidden = hidden_states[self.nado.config.hidden_state_layer].detach()
+                embeddings = output_embedding_weight(self.accelerator.unwrap_model(model))
+                with torch.no_grad():
+                    if self.nado.config.num_layers:
+                        nado_logits = self.nado(hidden, attention_mask, output_embeddings=embeddings)[mask]
+                        nado_logits = nado_logits[regularized]
+                    else:  # the head is position-wise: score Ω's positions only
+                        nado_logits = self.nado(hidden[mask][regularized], output_embeddings=embeddings)
+                # Only Ω's rows of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the
+                # trained positions)
+                corpus_kl = self._position_kl(logits[regularized], nado_logits, lm_logprobs=log_p[regularized])
+            if regularized is not omega:  # KL 0 (q = p) at the satisfied completions' positions, which Ω's mean counts
+                corpus_kl = logits.new_zeros(int(omega.sum()), dtype=corpus_kl.dtype).index_put(
+                    (regularized[omega].nonzero()[:, 0],), corpus_kl
+                )
             kl = corpus_kl.mean() / steps
         if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
             sample_kl = self._samples_kl(model)
@@ -834,6 +905,67 @@ class CADETTrainer(SFTTrainer):
             assistant = assistant_token_mask(input_ids, self._assistant_markers)
             omega[:, :-1] = _pad_front(assistant, virtual, False)[:, 1:]
         return omega[mask]
+
+    def _in_unsatisfied_completions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor, omega: torch.Tensor
+    ) -> torch.Tensor:
+        """Which of Ω's positions (`[N]`, aligned with `omega`) predict a token of a completion that the oracles score
+        unsatisfied (`regularized_corpus="unsatisfied"`). A batch row is found by its tokens among the tokenized corpus
+        rows; its completions (`row_completions`) are, in order, the runs of consecutive tokens that Ω's positions
+        predict. Each completion is judged once, the first time a batch holds it (each process its own), as TRL's
+        reward functions are called; one an oracle failed on is not regularised, and judged again next time."""
+        virtual = mask.shape[1] - input_ids.shape[1]
+        grid = torch.zeros_like(mask)
+        grid[mask] = omega
+        # The tokens that Ω's positions predict, in `input_ids`'s columns (position j predicts token j + 1)
+        predicted = _pad_front(grid, 1, False)[:, :-1][:, virtual:].cpu()
+        kept = torch.ones_like(predicted) if attention_mask is None else attention_mask[:, -predicted.shape[1] :].cpu()
+        ids = input_ids.cpu()
+        spans, todo = [], {}
+        for row in range(ids.shape[0]):
+            found = self._corpus_rows.get(_tokens_key(ids[row][kept[row].bool()]))
+            if found is None:
+                raise RuntimeError(
+                    "A training batch holds a row that is not among the tokenized corpus rows, so "
+                    "`regularized_corpus='unsatisfied'` cannot tell which completions it holds. This happens when the "
+                    "data collator changes the rows (packing, padding-free batches, a custom collator). Use TRL's "
+                    "default collator, or `regularized_corpus='all'`."
+                )
+            source, index = found
+            columns = predicted[row].nonzero()[:, 0].tolist()
+            starts = [c for i, c in enumerate(columns) if i == 0 or columns[i - 1] != c - 1]
+            ends = [c + 1 for i, c in enumerate(columns) if i == len(columns) - 1 or columns[i + 1] != c + 1]
+            pairs = row_completions(self._corpora[source][index], self.args.dataset_text_field)
+            # A row cut at `max_length` holds fewer completions than its example
+            for k, (start, end, pair) in enumerate(zip(starts, ends, pairs, strict=False)):
+                key = f"{source}:{index}:{k}"
+                spans.append((row, start, end, key))
+                if key not in self._corpus_scores:
+                    todo[key] = pair
+        calls = len(todo)
+        if todo:
+            prompts, completions = zip(*todo.values(), strict=True)
+            result = call_oracles(
+                self.oracle_funcs,
+                prompts,
+                completions,
+                weights=self.args.oracle_weights,
+                max_retries=self.args.oracle_max_retries,
+                timeout=self.args.oracle_timeout,
+                retry_delay=self.args.oracle_retry_delay,
+            )
+            for key, score in zip(todo, result.scores, strict=True):
+                if score is not None:
+                    self._corpus_scores[key] = score
+        if self.accelerator.num_processes > 1:  # every process takes this path at every step
+            calls = int(self.accelerator.reduce(torch.tensor(calls, device=self.accelerator.device), "sum"))
+        self.oracle_calls += calls
+        gate = torch.zeros_like(grid)
+        for row, start, end, key in spans:
+            score = self._corpus_scores.get(key)
+            if score is not None and score < self.args.oracle_threshold:
+                gate[row, start - 1 + virtual : end - 1 + virtual] = True
+        return gate[mask]
 
     def _trained_logits(self, model, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
         """`(outputs, logits, hidden_states, labels, mask)`: the model's outputs; its logits at the trained positions
@@ -1073,6 +1205,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
             "omega_scale": self._omega_scale,
             "latest_samples": self._latest_samples.to_dict(),
             "corpus_samples": None if self._corpus_samples is None else self._corpus_samples.to_dict(),
+            "corpus_scores": self._corpus_scores,
             "rollout_prefixes": None if self._rollout_prefixes is None else self._rollout_prefixes.to_dict(),
             # The arguments a resumed run compares its own with, to warn about a change
             "args": {
@@ -1145,6 +1278,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
         self._omega_scale = None if scale is None else (int(scale[0]), float(scale[1]))
         corpus = state.get("corpus_samples")
         self._corpus_samples = None if corpus is None else Samples(**corpus)
+        self._corpus_scores = dict(state.get("corpus_scores", {}))  # absent from checkpoints of older versions
         prefixes = state.get("rollout_prefixes")  # absent from checkpoints of older versions
         self._rollout_prefixes = None if prefixes is None else RolloutPrefixes(**prefixes)
 

@@ -274,6 +274,18 @@ def extract_completions(
     return found
 
 
+def row_completions(example: dict[str, Any], text_field: str = "text") -> list[tuple[Any, Any]]:
+    """The `(prompt, completion)` pairs of one corpus row as TRL's reward functions get them, in the order their tokens
+    come: each assistant turn of a conversation after the conversation before it (the turn as a one-message list), a
+    prompt-completion row's pair, or a text row whole after an empty prompt."""
+    if "messages" in example or "conversations" in example:
+        messages = maybe_convert_to_chatml(example)["messages"]
+        return [(messages[:i], messages[i : i + 1]) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if "prompt" in example and "completion" in example:
+        return [(example["prompt"], example["completion"])]
+    return [("", example[text_field])]
+
+
 def tokenizer_of(processing_class) -> PreTrainedTokenizerBase | None:
     """The tokenizer of a tokenizer or of a processor (which holds one)."""
     if processing_class is None or isinstance(processing_class, PreTrainedTokenizerBase):
