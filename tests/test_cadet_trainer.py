@@ -280,7 +280,7 @@ def test_qlora_4bit_on_cpu(tokenizer, tiny_llama_path, tmp_path):
     "schedule, positions, variant",
     [("sequential", "corpus", None), ("parallel", "corpus", None), ("parallel", "samples", None)]
     + [("sequential", "corpus", "bound"), ("sequential", "corpus", "no warm start")]
-    + [("sequential", "corpus", "unsatisfied corpus")],
+    + [("sequential", "corpus", "unsatisfied corpus"), ("sequential", "corpus", "corpus violations")],
 )
 def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, schedule, positions, variant):
     from tiny_llama import build_llama
@@ -292,8 +292,9 @@ def test_resume_gives_the_same_next_losses_and_lambda(tokenizer, tmp_path, sched
     )
     if variant == "no warm start":  # the resumed run trains its next NADO model from the same initial one
         options["nado_warm_start"] = False
-    if variant == "unsatisfied corpus":  # the resumed run knows the completions labelled before the checkpoint
-        options["regularized_corpus"] = "unsatisfied"
+    judged = {"unsatisfied corpus": "unsatisfied", "corpus violations": "violations"}
+    if variant in judged:  # the resumed run knows the corpus completions judged before the checkpoint
+        options["regularized_corpus"] = judged[variant]
 
     def run(output_dir, resume=None):
         trainer = CADETTrainer(

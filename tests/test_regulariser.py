@@ -90,10 +90,12 @@ def test_omega_is_zero_on_system_user_and_header_tokens(tokenizer, tiny_llama, t
     assert per_context[trained & ~assistant].mean().item() != pytest.approx(logged, rel=2e-3)  # noise: ~1e-6
 
 
-def test_omega_on_unsatisfied_corpus_completions_covers_those_turns_only(tokenizer, tiny_llama, tmp_path):
+@pytest.mark.parametrize("which", ["unsatisfied", "violations"])
+def test_omega_on_unsatisfied_corpus_completions_covers_those_turns_only(tokenizer, tiny_llama, tmp_path, which):
     """`regularized_corpus="unsatisfied"`: Ω is the KL at the positions of the assistant turns the oracle scores
     unsatisfied, 0 elsewhere, averaged over every assistant position; each turn of each row is judged once, as TRL's
-    reward functions are called (the conversation before it, the turn as a message), and counted."""
+    reward functions are called (the conversation before it, the turn as a message), and counted. `"violations"`:
+    those turns up to their first violating token only, found by bisection (counted too)."""
     judged = []
 
     def oracle(prompts, completions, **kwargs):
@@ -104,7 +106,7 @@ def test_omega_on_unsatisfied_corpus_completions_covers_those_turns_only(tokeniz
     trainer = CADETTrainer(
         model=tiny_llama,
         oracle_funcs=oracle,
-        args=tiny_cadet_config(tmp_path, regularized_corpus="unsatisfied", cadet_lambda=1.0),
+        args=tiny_cadet_config(tmp_path, regularized_corpus=which, cadet_lambda=1.0),
         train_dataset=conversations(),
         processing_class=tokenizer,
     )
@@ -118,27 +120,37 @@ def test_omega_on_unsatisfied_corpus_completions_covers_those_turns_only(tokeniz
         neutral_tokens=trainer._neutral_tokens("cpu"),
     )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    # The first reply of a row with the insult is the only unsatisfied turn: its positions, row by row
-    unsatisfied = torch.zeros_like(assistant)
+    # The first reply of a row with the insult is the only unsatisfied turn: its positions, row by row, and those
+    # up to the one that predicts the token completing the insult
+    unsatisfied, until_violation = torch.zeros_like(assistant), torch.zeros_like(assistant)
     for row in range(len(assistant)):
         columns = (trained[row] & assistant[row]).nonzero()[:, 0]
         first_turn = columns[: int((columns.diff() > 1).nonzero()[0, 0]) + 1]
         if BAD_WORD in tokenizer.decode(batch["input_ids"][row]):
             unsatisfied[row, first_turn] = True
+            # position c predicts token c + 1
+            tokens = [batch["input_ids"][row, c + 1].item() for c in first_turn]
+            length = next(n for n in range(1, len(tokens) + 1) if BAD_WORD in tokenizer.decode(tokens[:n]))
+            assert length < len(tokens)  # the end-of-turn token comes after the insult
+            until_violation[row, first_turn[:length]] = True
     positions = trained & assistant
     assert 0 < unsatisfied.sum() < positions.sum() / 4  # the batch holds both kinds of row
-    assert logged == pytest.approx((per_context[unsatisfied].sum() / positions.sum()).item(), rel=1e-4)
+    chosen, other = (unsatisfied, until_violation) if which == "unsatisfied" else (until_violation, unsatisfied)
+    assert logged == pytest.approx((per_context[chosen].sum() / positions.sum()).item(), rel=1e-4)
+    assert logged != pytest.approx((per_context[other].sum() / positions.sum()).item(), rel=2e-3)
     assert logged != pytest.approx(per_context[positions].mean().item(), rel=2e-3)
 
     # Both turns of the two distinct conversations (identical rows share their judgements), each after the
-    # conversation before it, then never again
-    assert len(judged) == 4 == trainer.oracle_calls
+    # conversation before it, then never again; with "violations", the insult's prefixes too
+    turns = {(prompt, text) for prompt, text in judged if text in ("good morning", "stories about ships")}
+    assert len(turns) == 3 and len(judged) == trainer.oracle_calls
+    assert len(judged) == 4 if which == "unsatisfied" else len(judged) > 4
     assert {prompt[-1] for prompt, _ in judged} == {"hello there, how are you today?", "what is your favourite book?"}
     assert {len(prompt) for prompt, _ in judged} == {2, 4}
-    assert {text for _, text in judged} == {f"you are an {BAD_WORD}", "good morning", "stories about ships"}
+    assert f"you are an {BAD_WORD}" in {text for _, text in judged}
     calls = trainer.oracle_calls
     trainer.compute_loss(trainer.model, batch)
-    assert len(judged) == trainer.oracle_calls == calls  # labelled already
+    assert len(judged) == trainer.oracle_calls == calls  # judged already
     # A batch with nothing unsatisfied has Ω = 0 and a loss to step on
     trainer._corpus_scores = dict.fromkeys(trainer._corpus_scores, 1.0)
     loss = trainer.compute_loss(trainer.model, batch)

@@ -200,7 +200,7 @@ def test_judging_the_corpus_completions_needs_rows_it_can_look_up(tokenizer, tmp
     loaded, where the rows are joined or cannot be looked up."""
     options = {how: True} if how != "streamed" else {}
     train_dataset = corpus().to_iterable_dataset() if how == "streamed" else corpus()
-    with pytest.raises(ValueError, match=r"`regularized_corpus='unsatisfied'` judges each completion.*'all'"):
+    with pytest.raises(ValueError, match=r"`regularized_corpus=.unsatisfied.` judges each completion.*'all'"):
         CADETTrainer(
             model=NO_MODEL,
             oracle_funcs=no_bad_word,

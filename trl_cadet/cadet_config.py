@@ -148,13 +148,16 @@ class CADETConfig(SFTConfig):
             `samples_kl_weight`).
         regularized_corpus (`str`, *optional*, defaults to `"all"`):
             Which completions of the training batch Ω covers when `regularized_positions` includes the corpus:
-            `"all"`, or `"unsatisfied"`: only those the oracles score below `oracle_threshold`, where the corpus itself
+            `"all"`; `"unsatisfied"`: only those the oracles score below `oracle_threshold`, where the corpus itself
             breaks the constraint (elsewhere `q = p`: the oracle found nothing to correct there). Each completion (an
             assistant turn after the conversation before it, a prompt-completion row's pair, a text after an empty
             prompt) is judged once, the first time a batch holds it, as TRL's reward functions are called; the calls
             are counted in `oracle/calls`. Ω stays a mean over all the completions' positions, so λ weighs the same
             per position as with `"all"`. Needs a `Dataset` without packing or padding-free batches (a batch row is
-            found among the tokenized rows by its tokens).
+            found among the tokenized rows by its tokens). `"violations"`: the unsatisfied completions up to and
+            including their first violating token, found by bisecting their prefixes with the oracles (about log2 of
+            the length in calls, counted): after it no continuation satisfies the constraint, so `R` is 0 for every
+            token and the target is not defined there (as with `regularized_samples="violations"`).
         regularized_samples (`str`, *optional*, defaults to `"all"`):
             Which oracle samples Ω covers when `regularized_positions` includes them: `"all"`; `"unsatisfied"` (those
             scored below `oracle_threshold`: the contexts where the policy itself went wrong; none in a round leaves
@@ -401,9 +404,10 @@ class CADETConfig(SFTConfig):
     regularized_corpus: str = field(
         default="all",
         metadata={
-            "help": "Which training-batch completions Ω covers: 'all', or 'unsatisfied' (those the oracles score below "
-            "`oracle_threshold`, each labelled once when first trained on; the calls are counted).",
-            "choices": ["all", "unsatisfied"],
+            "help": "Which training-batch completions Ω covers: 'all'; 'unsatisfied' (those the oracles score below "
+            "`oracle_threshold`, each judged once when first trained on; the calls are counted); or 'violations' (the "
+            "unsatisfied ones up to their first violating token, found by bisection with the oracles).",
+            "choices": ["all", "unsatisfied", "violations"],
         },
     )
     regularized_samples: str = field(
@@ -468,7 +472,7 @@ class CADETConfig(SFTConfig):
             "oracle_labels": ("hard", "soft"),
             "lambda_schedule": ("constant", "adaptive"),
             "regularized_positions": ("corpus", "samples", "both"),
-            "regularized_corpus": ("all", "unsatisfied"),
+            "regularized_corpus": ("all", "unsatisfied", "violations"),
             "regularized_samples": ("all", "unsatisfied", "violations"),
             "round_schedule": ("sequential", "parallel"),
             "nado_head": ("tied", "full"),
@@ -492,9 +496,9 @@ class CADETConfig(SFTConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
-        if self.regularized_corpus == "unsatisfied" and self.regularized_positions == "samples":
+        if self.regularized_corpus != "all" and self.regularized_positions == "samples":
             raise ValueError(
-                "`regularized_corpus='unsatisfied'` chooses among the training batch's completions, but "
+                f"`regularized_corpus={self.regularized_corpus!r}` chooses among the training batch's completions, but "
                 "`regularized_positions='samples'` applies Ω to the oracle samples only. Set `regularized_positions` "
                 "to 'corpus' or 'both', or leave `regularized_corpus='all'`."
             )

@@ -62,6 +62,7 @@ from .oracle_phase import (
     Samples,
     collate_samples,
     find_violations,
+    first_violations,
     head_gives_logits,
     label_samples,
     output_embedding_weight,
@@ -234,7 +235,7 @@ class CADETTrainer(SFTTrainer):
         corpus = train_dataset
         if formatting_func is not None:
             corpus = formatted_corpus(train_dataset, formatting_func, args.dataset_text_field)
-        if args.regularized_corpus == "unsatisfied":
+        if args.regularized_corpus != "all":
             self._check_rows_can_be_judged(args, train_dataset, eval_dataset)
         prompt_source, prompt_source_name = (
             (prompt_dataset, "prompt_dataset") if prompt_dataset is not None else (corpus, "train_dataset")
@@ -293,12 +294,12 @@ class CADETTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
         self.oracle_funcs = oracle_funcs
-        # With `regularized_corpus="unsatisfied"`: the examples of the training and evaluation corpora, and each
+        # With `regularized_corpus` "unsatisfied" or "violations": the examples of the training and evaluation corpora, and each
         # tokenized row's (source, index) by its tokens, so that a batch's completions are judged as TRL's reward
         # functions are called (see `_in_unsatisfied_completions`)
         self._corpora: dict[str, Dataset] = {}
         self._corpus_rows: dict[bytes, tuple[str, int]] = {}
-        if args.regularized_corpus == "unsatisfied":
+        if args.regularized_corpus != "all":
             self._index_corpus_rows("train", corpus, self.train_dataset)
             evaluated = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
             prepared = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
@@ -425,9 +426,11 @@ class CADETTrainer(SFTTrainer):
         self.nado_source_round: int | None = None  # the round whose policy generated the NADO's training samples
         self.oracle_calls = 0
         self._latest_samples = Samples()
-        # With `regularized_corpus="unsatisfied"`: the oracles' score of each corpus completion met so far, by
-        # "source:row:completion"
+        # With `regularized_corpus` "unsatisfied" or "violations": the oracles' score of each corpus completion met so
+        # far, by        # "source:row:completion"
         self._corpus_scores: dict[str, float] = {}
+        # With "violations": the length of each unsatisfied one's shortest unsatisfied prefix, by the same key
+        self._corpus_violations: dict[str, int] = {}
         self._corpus_samples: Samples | None = None  # the labelled corpus completions, once the first phase ran
         self._rollout_prefixes: RolloutPrefixes | None = None  # where corpus-prefix rollouts start, found then too
         # The oracle phase whose NADO model is not installed yet: running in the background (parallel schedule), or
@@ -462,8 +465,8 @@ class CADETTrainer(SFTTrainer):
         else:
             return
         raise ValueError(
-            f"`regularized_corpus='unsatisfied'` judges each completion of a batch through the example it was "
-            f"tokenized from, but {problem}. Pass a `Dataset` without packing or padding-free batches, or set "
+            f"`regularized_corpus={args.regularized_corpus!r}` judges each completion of a batch through the example "
+            f"it was tokenized from, but {problem}. Pass a `Dataset` without packing or padding-free batches, or set "
             "`regularized_corpus='all'`."
         )
 
@@ -473,8 +476,8 @@ class CADETTrainer(SFTTrainer):
         if len(examples) != len(prepared):
             raise ValueError(
                 f"The {source} corpus has {len(examples)} examples but {len(prepared)} tokenized rows, so "
-                "`regularized_corpus='unsatisfied'` cannot tell which example a row comes from. Filter the dataset "
-                "before passing it, or set `regularized_corpus='all'`."
+                f"`regularized_corpus={self.args.regularized_corpus!r}` cannot tell which example a row comes from. "
+                "Filter the dataset before passing it, or set `regularized_corpus='all'`."
             )
         self._corpora[source] = examples
         for index, tokens in enumerate(prepared["input_ids"]):
@@ -769,7 +772,7 @@ class CADETTrainer(SFTTrainer):
         positions = self.args.regularized_positions
         # Ω's corpus positions: all of `omega`, or those in the completions the oracles score unsatisfied
         regularized = omega
-        if self.args.regularized_corpus == "unsatisfied" and positions != "samples" and self._has_nado:
+        if self.args.regularized_corpus != "all" and positions != "samples" and self._has_nado:
             regularized = omega & self._in_unsatisfied_completions(inputs["input_ids"], attention_mask, mask, omega)
             share = regularized.sum() / omega.sum().clamp(min=1)
             self._metrics[mode]["cadet/regularized_share"].append(
@@ -910,7 +913,8 @@ class CADETTrainer(SFTTrainer):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor, omega: torch.Tensor
     ) -> torch.Tensor:
         """Which of Ω's positions (`[N]`, aligned with `omega`) predict a token of a completion that the oracles score
-        unsatisfied (`regularized_corpus="unsatisfied"`). A batch row is found by its tokens among the tokenized corpus
+        unsatisfied (`regularized_corpus="unsatisfied"`), or with `"violations"` one of its tokens up to its first
+        violating one (found by bisection, `first_violations`). A batch row is found by its tokens among the tokenized corpus
         rows; its completions (`row_completions`) are, in order, the runs of consecutive tokens that Ω's positions
         predict. Each completion is judged once, the first time a batch holds it (each process its own), as TRL's
         reward functions are called; one an oracle failed on is not regularised, and judged again next time."""
@@ -927,9 +931,9 @@ class CADETTrainer(SFTTrainer):
             if found is None:
                 raise RuntimeError(
                     "A training batch holds a row that is not among the tokenized corpus rows, so "
-                    "`regularized_corpus='unsatisfied'` cannot tell which completions it holds. This happens when the "
-                    "data collator changes the rows (packing, padding-free batches, a custom collator). Use TRL's "
-                    "default collator, or `regularized_corpus='all'`."
+                    f"`regularized_corpus={self.args.regularized_corpus!r}` cannot tell which completions it holds. "
+                    "This happens when the data collator changes the rows (packing, padding-free batches, a custom "
+                    "collator). Use TRL's default collator, or `regularized_corpus='all'`."
                 )
             source, index = found
             columns = predicted[row].nonzero()[:, 0].tolist()
@@ -941,22 +945,38 @@ class CADETTrainer(SFTTrainer):
                 key = f"{source}:{index}:{k}"
                 spans.append((row, start, end, key))
                 if key not in self._corpus_scores:
-                    todo[key] = pair
+                    todo[key] = (*pair, ids[row, start:end].tolist())
         calls = len(todo)
         if todo:
-            prompts, completions = zip(*todo.values(), strict=True)
-            result = call_oracles(
-                self.oracle_funcs,
-                prompts,
-                completions,
-                weights=self.args.oracle_weights,
+            prompts, completions, completion_ids = zip(*todo.values(), strict=True)
+            retries = dict(
                 max_retries=self.args.oracle_max_retries,
                 timeout=self.args.oracle_timeout,
                 retry_delay=self.args.oracle_retry_delay,
             )
-            for key, score in zip(todo, result.scores, strict=True):
-                if score is not None:
+            weights = self.args.oracle_weights
+            scores = call_oracles(self.oracle_funcs, prompts, completions, weights=weights, **retries).scores
+            threshold = self.args.oracle_threshold
+            unsatisfied = [i for i, score in enumerate(scores) if score is not None and score < threshold]
+            lengths = {}
+            if self.args.regularized_corpus == "violations" and unsatisfied:
+                found, bisection_calls = first_violations(
+                    self.oracle_funcs,
+                    [prompts[i] for i in unsatisfied],
+                    [completion_ids[i] for i in unsatisfied],
+                    self._tokenizer,
+                    threshold,
+                    oracle_weights=weights,
+                    **retries,
+                )
+                calls += bisection_calls
+                lengths = dict(zip(unsatisfied, found, strict=True))
+            for i, (key, score) in enumerate(zip(todo, scores, strict=True)):
+                # Judged again next time: a completion an oracle failed on, or whose first violation it failed to find
+                if score is not None and not (i in lengths and lengths[i] is None):
                     self._corpus_scores[key] = score
+                    if i in lengths:
+                        self._corpus_violations[key] = lengths[i]
         if self.accelerator.num_processes > 1:  # every process takes this path at every step
             calls = int(self.accelerator.reduce(torch.tensor(calls, device=self.accelerator.device), "sum"))
         self.oracle_calls += calls
@@ -964,6 +984,8 @@ class CADETTrainer(SFTTrainer):
         for row, start, end, key in spans:
             score = self._corpus_scores.get(key)
             if score is not None and score < self.args.oracle_threshold:
+                # With "violations", up to the completion's first violating token (included)
+                end = min(end, start + self._corpus_violations.get(key, end - start))
                 gate[row, start - 1 + virtual : end - 1 + virtual] = True
         return gate[mask]
 
@@ -1206,6 +1228,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
             "latest_samples": self._latest_samples.to_dict(),
             "corpus_samples": None if self._corpus_samples is None else self._corpus_samples.to_dict(),
             "corpus_scores": self._corpus_scores,
+            "corpus_violations": self._corpus_violations,
             "rollout_prefixes": None if self._rollout_prefixes is None else self._rollout_prefixes.to_dict(),
             # The arguments a resumed run compares its own with, to warn about a change
             "args": {
@@ -1279,6 +1302,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
         corpus = state.get("corpus_samples")
         self._corpus_samples = None if corpus is None else Samples(**corpus)
         self._corpus_scores = dict(state.get("corpus_scores", {}))  # absent from checkpoints of older versions
+        self._corpus_violations = dict(state.get("corpus_violations", {}))
         prefixes = state.get("rollout_prefixes")  # absent from checkpoints of older versions
         self._rollout_prefixes = None if prefixes is None else RolloutPrefixes(**prefixes)
 
