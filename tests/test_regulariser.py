@@ -157,6 +157,50 @@ def test_omega_on_unsatisfied_corpus_completions_covers_those_turns_only(tokeniz
     assert trainer._metrics["train"]["cadet/kl"][-1] == 0.0 and loss.requires_grad
 
 
+def test_judged_corpus_completions_are_a_prompt_completion_rows_completion(tokenizer, tiny_llama, tmp_path):
+    """With `regularized_corpus`, a prompt-completion row trained on whole (`completion_only_loss=False`) has an
+    assistant turn in its prompt as well: the completion is what is judged and regularised, the prompt's turn is not."""
+    judged = []
+
+    def oracle(prompts, completions, **kwargs):
+        judged.extend(c[-1]["content"] for c in completions)
+        return [0.0 if BAD_WORD in c[-1]["content"] else 1.0 for c in completions]
+
+    earlier = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": f"you {BAD_WORD}"}]
+    rows = [
+        {
+            "prompt": [*earlier, {"role": "user", "content": "how are you today?"}],
+            "completion": [{"role": "assistant", "content": "fine, thanks" if i % 2 else f"an {BAD_WORD}, you"}],
+        }
+        for i in range(8)
+    ]
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=oracle,
+        args=tiny_cadet_config(tmp_path, regularized_corpus="unsatisfied", completion_only_loss=False),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    _omega_batch(trainer)
+    assert sorted(set(judged)) == ["an idiot, you", "fine, thanks"] and trainer.oracle_calls == len(judged) == 2
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = regularized_mask(batch["labels"])
+    omega = trainer._omega_positions(batch["input_ids"], mask)
+    chosen = torch.zeros_like(mask)
+    chosen[mask] = trainer._in_unsatisfied_completions(batch["input_ids"], batch["attention_mask"], mask, omega)
+    # Expected: the positions predicting the tokens of the last assistant turn (the completion) of the insult rows
+    assistant = torch.zeros_like(mask)
+    assistant[:, :-1] = assistant_token_mask(batch["input_ids"], trainer._assistant_markers)[:, 1:]
+    expected = torch.zeros_like(mask)
+    for row in range(len(mask)):
+        columns = (mask[row] & assistant[row]).nonzero()[:, 0]
+        last_turn = columns[int((columns.diff() > 1).nonzero()[-1, 0]) + 1 :]
+        if tokenizer.decode(batch["input_ids"][row]).count(BAD_WORD) == 2:
+            expected[row, last_turn] = True
+    assert expected.any() and (mask & assistant & ~expected).any()
+    assert torch.equal(chosen, expected)
+
+
 def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
     """`cadet_min_p`, `cadet_demote_only`, `cadet_demote_below` and `cadet_safe_ratio` reach the regulariser: the
     logged Ω is the KL to the capped target, not to the plain one."""

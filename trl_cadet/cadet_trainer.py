@@ -294,9 +294,9 @@ class CADETTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
         self.oracle_funcs = oracle_funcs
-        # With `regularized_corpus` "unsatisfied" or "violations": the examples of the training and evaluation corpora, and each
-        # tokenized row's (source, index) by its tokens, so that a batch's completions are judged as TRL's reward
-        # functions are called (see `_in_unsatisfied_completions`)
+        # With `regularized_corpus` "unsatisfied" or "violations": the examples of the training and evaluation
+        # corpora, and each tokenized row's (source, index) by its tokens, so that a batch's completions are judged as
+        # TRL's reward functions are called (see `_in_unsatisfied_completions`)
         self._corpora: dict[str, Dataset] = {}
         self._corpus_rows: dict[bytes, tuple[str, int]] = {}
         if args.regularized_corpus != "all":
@@ -427,7 +427,7 @@ class CADETTrainer(SFTTrainer):
         self.oracle_calls = 0
         self._latest_samples = Samples()
         # With `regularized_corpus` "unsatisfied" or "violations": the oracles' score of each corpus completion met so
-        # far, by        # "source:row:completion"
+        # far, by "source:row:completion"
         self._corpus_scores: dict[str, float] = {}
         # With "violations": the length of each unsatisfied one's shortest unsatisfied prefix, by the same key
         self._corpus_violations: dict[str, int] = {}
@@ -914,10 +914,12 @@ class CADETTrainer(SFTTrainer):
     ) -> torch.Tensor:
         """Which of Ω's positions (`[N]`, aligned with `omega`) predict a token of a completion that the oracles score
         unsatisfied (`regularized_corpus="unsatisfied"`), or with `"violations"` one of its tokens up to its first
-        violating one (found by bisection, `first_violations`). A batch row is found by its tokens among the tokenized corpus
-        rows; its completions (`row_completions`) are, in order, the runs of consecutive tokens that Ω's positions
-        predict. Each completion is judged once, the first time a batch holds it (each process its own), as TRL's
-        reward functions are called; one an oracle failed on is not regularised, and judged again next time."""
+        violating one (found by bisection, `first_violations`). A batch row is found by its tokens among the tokenized
+        corpus rows; its completions (`row_completions`) are, in order, the runs of consecutive tokens that Ω's
+        positions predict: the last runs when there are more (assistant turns inside a prompt-completion row's prompt,
+        left alone), the first when there are fewer (a row cut at `max_length`). Each completion is judged once, the
+        first time a batch holds it (each process its own), as TRL's reward functions are called; one an oracle failed
+        on is not regularised, and judged again next time."""
         virtual = mask.shape[1] - input_ids.shape[1]
         grid = torch.zeros_like(mask)
         grid[mask] = omega
@@ -940,9 +942,10 @@ class CADETTrainer(SFTTrainer):
             starts = [c for i, c in enumerate(columns) if i == 0 or columns[i - 1] != c - 1]
             ends = [c + 1 for i, c in enumerate(columns) if i == len(columns) - 1 or columns[i + 1] != c + 1]
             pairs = row_completions(self._corpora[source][index], self.args.dataset_text_field)
-            # A row cut at `max_length` holds fewer completions than its example
-            for k, (start, end, pair) in enumerate(zip(starts, ends, pairs, strict=False)):
+            skipped = max(0, len(starts) - len(pairs))
+            for k, pair in enumerate(pairs[: len(starts) - skipped]):
                 key = f"{source}:{index}:{k}"
+                start, end = starts[skipped + k], ends[skipped + k]
                 spans.append((row, start, end, key))
                 if key not in self._corpus_scores:
                     todo[key] = (*pair, ids[row, start:end].tolist())
@@ -960,7 +963,7 @@ class CADETTrainer(SFTTrainer):
             unsatisfied = [i for i, score in enumerate(scores) if score is not None and score < threshold]
             lengths = {}
             if self.args.regularized_corpus == "violations" and unsatisfied:
-                found, bisection_calls = first_violations(
+                violations, bisection_calls = first_violations(
                     self.oracle_funcs,
                     [prompts[i] for i in unsatisfied],
                     [completion_ids[i] for i in unsatisfied],
@@ -970,7 +973,7 @@ class CADETTrainer(SFTTrainer):
                     **retries,
                 )
                 calls += bisection_calls
-                lengths = dict(zip(unsatisfied, found, strict=True))
+                lengths = dict(zip(unsatisfied, violations, strict=True))
             for i, (key, score) in enumerate(zip(todo, scores, strict=True)):
                 # Judged again next time: a completion an oracle failed on, or whose first violation it failed to find
                 if score is not None and not (i in lengths and lengths[i] is None):
