@@ -201,6 +201,27 @@ def test_judged_corpus_completions_are_a_prompt_completion_rows_completion(token
     assert torch.equal(chosen, expected)
 
 
+def test_judged_corpus_completions_of_the_evaluation_set_gate_the_evaluation_loss(tokenizer, tiny_llama, tmp_path):
+    """With `regularized_corpus`, the evaluation corpus's rows are looked up and judged as the training corpus's are,
+    under their own name, and the evaluation loss's Ω covers its unsatisfied completions only."""
+    insults = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hi you"}, {"role": "assistant", "content": f"{BAD_WORD}, go"}]}]
+        * 4
+    )
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=no_bad_word,
+        args=tiny_cadet_config(tmp_path, regularized_corpus="unsatisfied", max_steps=2, eval_strategy="no"),
+        train_dataset=conversations(),
+        eval_dataset=insults,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert trainer._corpus_scores["eval:eval:0:0"] == 0.0  # the four identical rows judged once
+    assert metrics["eval_cadet/regularized_share"] == 1.0 and metrics["eval_cadet/kl"] > 0
+
+
 def test_omega_uses_the_configured_target(tokenizer, tiny_llama, tmp_path):
     """`cadet_min_p`, `cadet_demote_only`, `cadet_demote_below` and `cadet_safe_ratio` reach the regulariser: the
     logged Ω is the KL to the capped target, not to the plain one."""
