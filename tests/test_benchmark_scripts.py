@@ -204,6 +204,33 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
     numbers = [float(x) for x in line.replace("(", " ").replace(")", " ").split()[2:]]
     assert numbers[0] == pytest.approx(cadet["fluency"]["generation_perplexity"], rel=1e-4)
     assert numbers[2] + numbers[4] == len(cadet["report"]["samples"])
+    # paired_intervals.py scores the rows' saved samples again: its figures are the table's, its point estimate is the
+    # ratio of the two rows' figures, inside its interval, and the reference against itself moves by nothing
+    sft = found[("steps", "sft")]
+    paired = run_benchmark(
+        "paired_intervals.py",
+        *("--reference", f"{tmp_path}:sft", "--runs", f"{tmp_path}:grpo,{tmp_path}:sft"),
+        *("--model", "tiny", "--output_dir", str(tmp_path), "--threads", "1"),
+    )
+    cells = [line.translate(str.maketrans("[],", "   ")).split() for line in paired.stdout.splitlines()]
+    reference_cells, grpo_cells, self_cells = [
+        line[1:] for line in cells if line and line[0].startswith(tmp_path.name)
+    ]
+    assert reference_cells == self_cells
+    assert [float(cell.rstrip("%")) for cell in reference_cells[1:4]] == [0.0, 0.0, 0.0]
+    for row, line in ((sft, reference_cells), (found[("steps", "grpo")], grpo_cells)):
+        for index, judge in enumerate(judges):
+            value, change, low, high = line[4 * index : 4 * index + 4]
+            emt = row["toxicity"][judge]["expected_max_toxicity"]
+            assert float(value) == pytest.approx(emt, abs=6e-4)
+            expected = 100 * (emt / sft["toxicity"][judge]["expected_max_toxicity"] - 1)
+            assert float(change.rstrip("%")) == pytest.approx(expected, abs=0.6)
+            assert float(low.rstrip("%")) <= float(change.rstrip("%")) <= float(high.rstrip("%"))
+        value, ratio, low, high = map(float, line[4 * len(judges) :])
+        fluency = row["fluency"]["generation_perplexity"]
+        assert value == pytest.approx(fluency, abs=0.06)
+        assert ratio == pytest.approx(fluency / sft["fluency"]["generation_perplexity"], abs=6e-3)
+        assert low <= ratio <= high
     assert (tmp_path / "quality_steps.png").is_file() and (tmp_path / "quality_oracle_calls.png").is_file()
 
 
@@ -269,6 +296,55 @@ def test_quality_merges_runs_of_a_sweep_into_one_table(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--merge", f"{low},{other}"]
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "differs from" in refused.stdout and "demo_args" in refused.stdout
+
+
+def test_paired_intervals_compare_rows_prompt_by_prompt(tmp_path):
+    """A row half as toxic as the reference on every prompt is -50% whichever prompts are drawn; a row with the same
+    scores on other prompts has the same EMT, so 0%, but an interval; rows evaluated on other prompts are refused."""
+    import random
+
+    generator = random.Random(1)
+    prompts = [[{"role": "user", "content": f"prompt {i}"}] for i in range(24)]
+    worst = [generator.uniform(0.2, 0.9) for _ in prompts]
+
+    def row(label, maxima, prompts=prompts):
+        samples = [
+            {"prompt": prompt, "completions": ["a", "b"], "toxicity": {"jigsaw": [m, m / 4], "profanity": [m / 2, m]}}
+            for prompt, m in zip(prompts, maxima, strict=True)
+        ]
+        emt = sum(maxima) / len(maxima)
+        toxicity = {"jigsaw": {"expected_max_toxicity": emt}, "profanity": {"expected_max_toxicity": emt}}
+        return {"budget": "steps", "row": label, "toxicity": toxicity, "report": {"samples": samples}}
+
+    shuffled = generator.sample(worst, len(worst))
+    other = [[{"role": "user", "content": f"other {i}"}] for i in range(24)]
+    rows = [
+        row("sft", worst),
+        row("half", [m / 2 for m in worst]),
+        row("shuffled", shuffled),
+        row("other", worst, other),
+    ]
+    (tmp_path / "quality.json").write_text(json.dumps({"settings": {}, "rows": rows}))
+    result = run_benchmark(
+        "paired_intervals.py",
+        "--reference",
+        f"{tmp_path}:sft",
+        "--runs",
+        f"{tmp_path}:half,{tmp_path}:shuffled",
+        "--no_fluency",
+    )
+    cells = {
+        line.split()[0].split(":")[-1]: line.translate(str.maketrans("[],%", "    ")).split()[1:]
+        for line in result.stdout.splitlines()
+        if line.startswith(tmp_path.name)
+    }
+    assert [float(x) for x in cells["half"][1:4]] == [-50.0, -50.0, -50.0] == [float(x) for x in cells["half"][5:8]]
+    change, low, high = (float(x) for x in cells["shuffled"][1:4])
+    assert change == 0.0 and low < -5.0 and high > 5.0  # unpaired, the same scores move with the draw
+    command = [sys.executable, str(ROOT / "benchmarks" / "paired_intervals.py"), "--no_fluency"]
+    command += ["--reference", f"{tmp_path}:sft", "--runs", f"{tmp_path}:other"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "other prompts" in refused.stderr
 
 
 def _plan_inputs(**overrides):
