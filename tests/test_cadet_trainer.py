@@ -151,6 +151,33 @@ def test_nado_warm_start_or_each_phase_from_the_start(
         assert (optimizer_state > 0) == warm_start
 
 
+@pytest.mark.parametrize("labels", ["all", "last"])
+def test_corpus_completions_reach_nado_training_labelled_where_the_config_says(
+    tokenizer, tiny_llama, tmp_path, monkeypatch, labels
+):
+    """`nado_corpus_labels="last"`: every phase trains the NADO model on the labelled corpus completions, which come
+    first among its extra samples (before any rollout), at their last token only."""
+    from trl_cadet import oracle_phase
+
+    seen, train_nado = [], oracle_phase.train_nado
+
+    def recording(*args, **kwargs):
+        seen.append((len(kwargs["extra_samples"]), kwargs["last_labels_only"]))
+        return train_nado(*args, **kwargs)
+
+    monkeypatch.setattr(oracle_phase, "train_nado", recording)
+    args = tiny_cadet_config(tmp_path, max_steps=4, nado_corpus_labels=labels, nado_corpus_rollouts=True)
+    trainer = CADETTrainer(
+        model=tiny_llama, oracle_funcs=no_bad_word, args=args, train_dataset=corpus(), processing_class=tokenizer
+    )
+    trainer.train()
+    corpus_samples = len(trainer._corpus_samples)
+    assert corpus_samples > 0 and len(seen) == 2
+    for extra, last_only in seen:
+        assert extra >= corpus_samples
+        assert last_only == (corpus_samples if labels == "last" else 0)
+
+
 def test_parallel_schedule_overlaps_the_two_phases(tokenizer, tiny_llama, tmp_path):
     """The oracle phase runs in another thread while optimisation steps go on."""
     oracle_windows, step_times = [], []

@@ -148,7 +148,7 @@ def test_expected_summed_kl_under_q_star_is_minus_log_R(toy):
         assert expected_kl == pytest.approx(-math.log(R_x), rel=1e-4, abs=1e-5)
 
 
-def _fit_table_nado(toy, sequences, labels, sample_weights, consistency_weight, steps=400):
+def _fit_table_nado(toy, sequences, labels, sample_weights, consistency_weight, steps=400, label_mask=None):
     """Minimise `nado_loss` over a free table of R-logits (one vector per prefix): the estimator with no model error."""
     input_ids, lm_logits, _, completion_mask = toy.batch(sequences)
     ids = toy.prefix_ids(sequences)
@@ -157,7 +157,14 @@ def _fit_table_nado(toy, sequences, labels, sample_weights, consistency_weight, 
     for _ in range(steps):
         nado_logits = torch.cat([table[ids], torch.zeros(len(sequences), 1, V)], dim=1)
         loss = nado_loss(
-            nado_logits, lm_logits, input_ids, labels, completion_mask, consistency_weight, sample_weights
+            nado_logits,
+            lm_logits,
+            input_ids,
+            labels,
+            completion_mask,
+            consistency_weight,
+            sample_weights,
+            label_mask=label_mask,
         )
         optimizer.zero_grad()
         loss.backward()
@@ -194,6 +201,27 @@ def test_minimising_nado_loss_on_policy_samples_recovers_true_R(consistency_weig
             assert abs(fitted[toy.prefix_id[prefix], v].item() - true_r) < tolerance, (prefix, v, visits)
             checked += 1
     assert checked >= 10
+
+
+def test_labels_at_the_last_token_recover_R_under_the_policy_from_other_completions():
+    """Completions drawn from another distribution than the policy (a corpus): BCE at every position estimates R under
+    that distribution's continuations; BCE at the last token only, where the label is exact, with the consistency
+    term estimates R under the policy (METHOD.md's corpus completions, `nado_corpus_labels="last"`)."""
+    toy = Toy(seed=5, sharpness=3.0)
+    sequences, labels = toy.sample(20000, seed=2, temperature=4.0, stochastic_labels=False)
+    rows, row_labels, counts = collapse(sequences, labels)
+    last = torch.zeros(len(rows), T + 1, dtype=torch.long)
+    last[:, T] = 1
+    fitted = _fit_table_nado(toy, rows, row_labels, counts, 1.0, steps=1500, label_mask=last)
+    everywhere = _fit_table_nado(toy, rows, row_labels, counts, 1.0, steps=1500)
+    errors, biased = [], []
+    for prefix in toy.prefixes:
+        for v in range(V):
+            true_r = toy.R(prefix + (v,))
+            errors.append(abs(fitted[toy.prefix_id[prefix], v].item() - true_r))
+            biased.append(abs(everywhere[toy.prefix_id[prefix], v].item() - true_r))
+    assert max(errors) < 0.02, max(errors)
+    assert max(biased) > 0.05, "the corpus's continuations should bias BCE at every position, or this shows nothing"
 
 
 def test_importance_weights_correct_samples_from_a_tempered_proposal():

@@ -14,6 +14,7 @@ from trl_cadet.oracle_phase import (
     collate_samples,
     sample_features,
     snapshot_policy,
+    train_nado,
 )
 from trl_cadet.sampling import sample_completions, tokenize_prompts
 
@@ -65,6 +66,49 @@ def test_windowed_features_give_the_full_sequence_loss(tiny_llama, num_layers, t
         got = nado_loss(nado_logits, lm_logits, tokens, labels, completion_mask)
     assert completion_mask.sum().item() == sum(len(c) for c in samples.completion_ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("last_labels_only", [0, 3])
+def test_corpus_completions_labelled_at_their_last_token_only(tiny_llama, last_labels_only):
+    """`nado_corpus_labels="last"`: the first `last_labels_only` extra samples (the corpus completions) count in the
+    BCE at their last token only; the policy's samples at every token, and the consistency term everywhere."""
+    model = tiny_llama.eval()
+    nado = NADOModel.from_lm(model)
+    with torch.no_grad():
+        for param in nado.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    samples, extra = random_samples(model.config.vocab_size), random_samples(model.config.vocab_size, n=5)
+    every = Samples()
+    for part in (samples, extra):
+        every.extend(part)
+    batch = collate_samples(every.prompt_ids, every.completion_ids, 0, "cpu")
+    label_mask = batch["completion_mask"].clone()
+    for row in range(len(samples), len(samples) + last_labels_only):
+        last = batch["attention_mask"][row].sum() - 1
+        label_mask[row] = 0
+        label_mask[row, last] = 1
+    with torch.no_grad():
+        outputs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        _, bce, consistency = nado_loss(
+            nado(outputs.hidden_states[-1], output_embeddings=model.lm_head.weight),
+            outputs.logits,
+            batch["input_ids"],
+            torch.tensor(every.labels),
+            batch["completion_mask"],
+            return_parts=True,
+            label_mask=label_mask,
+        )
+    frozen = torch.optim.SGD(nado.parameters(), lr=0.0)  # one epoch in one batch, the NADO model unchanged
+    metrics = train_nado(
+        model, nado, frozen, samples, 0, 1, 16, 1.0, extra_samples=extra, last_labels_only=last_labels_only
+    )
+    assert metrics["nado/bce"] == pytest.approx(bce.item(), rel=1e-4)
+    assert metrics["nado/consistency"] == pytest.approx(consistency.item(), rel=1e-3)  # windows: float rounding
+    if last_labels_only:  # the mask changed what was measured, or this case shows nothing
+        plain = train_nado(model, nado, frozen, samples, 0, 1, 16, 1.0, extra_samples=extra)
+        assert abs(plain["nado/bce"] - bce.item()) > 1e-3
 
 
 def test_the_lm_head_path_is_taken_when_it_reproduces_the_logits(tiny_llama):

@@ -187,6 +187,11 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
             dict(regularized_corpus="unsatisfied", regularized_positions="samples"),
             r"`regularized_corpus='unsatisfied'` chooses among the training batch's completions",
         ),
+        (
+            dict(nado_corpus_labels="last", nado_consistency_weight=0.0),
+            r"relies on the consistency term .* Set a positive `nado_consistency_weight`",
+        ),
+        (dict(nado_corpus_labels="first"), r"`nado_corpus_labels` must be one of 'all', 'last'"),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):

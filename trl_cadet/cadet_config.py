@@ -76,6 +76,12 @@ class CADETConfig(SFTConfig):
             Completions of the training corpus labelled once by the oracles (at the first oracle phase, counted in
             `oracle/calls`) and added to the NADO model's training data in every round, beside the round's samples
             of the policy. `0` trains the NADO model on the policy's samples only.
+        nado_corpus_labels (`str`, *optional*, defaults to `"all"`):
+            Where a corpus completion's label trains the NADO model's BCE. `"all"`: at every one of its positions, so
+            that at the earlier ones the NADO model learns R under the corpus's continuations. `"last"`: at its last
+            position only, where the label is exact (`R(x, y) = C(x, y)`); the consistency term, which still covers
+            every position, carries it back to the earlier prefixes under the policy, so that R is the policy's own
+            there too (needs `nado_consistency_weight > 0`).
         nado_corpus_rollouts (`bool`, *optional*, defaults to `False`):
             Corpus-prefix rollouts. Once, the first violating token of each unsatisfied corpus completion is found by
             bisecting its prefixes with the oracles (about log2 of its length in calls); then every oracle phase the
@@ -291,6 +297,14 @@ class CADETConfig(SFTConfig):
         default=256,
         metadata={"help": "Corpus completions labelled once by the oracles and added to NADO training each round."},
     )
+    nado_corpus_labels: str = field(
+        default="all",
+        metadata={
+            "help": "Where a corpus completion's label trains the NADO model's BCE: 'all' its positions (R under the "
+            "corpus's continuations), or 'last' only, where it is exact (the consistency term carries it back under "
+            "the policy)."
+        },
+    )
     nado_corpus_rollouts: bool = field(
         default=False,
         metadata={
@@ -476,6 +490,7 @@ class CADETConfig(SFTConfig):
             "regularized_samples": ("all", "unsatisfied", "violations"),
             "round_schedule": ("sequential", "parallel"),
             "nado_head": ("tied", "full"),
+            "nado_corpus_labels": ("all", "last"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -573,6 +588,12 @@ class CADETConfig(SFTConfig):
             raise ValueError(f"`nado_rank` must be non-negative, got {self.nado_rank}.")
         if self.nado_corpus_samples < 0:
             raise ValueError(f"`nado_corpus_samples` must be non-negative, got {self.nado_corpus_samples}.")
+        if self.nado_corpus_labels == "last" and self.nado_consistency_weight == 0:
+            raise ValueError(
+                "`nado_corpus_labels='last'` trains on a corpus completion's label at its last position only and relies "
+                "on the consistency term to carry it to the earlier ones, which `nado_consistency_weight=0` turns off. "
+                "Set a positive `nado_consistency_weight`, or `nado_corpus_labels='all'`."
+            )
         if self.lambda_schedule == "adaptive" and self.cadet_lambda == 0:
             raise ValueError(
                 "`lambda_schedule='adaptive'` moves λ in log space, so it cannot start from `cadet_lambda=0`. Start "

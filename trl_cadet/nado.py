@@ -194,6 +194,7 @@ def nado_loss(
     consistency_weight: float = 1.0,
     sample_weights: torch.Tensor | None = None,
     return_parts: bool = False,
+    label_mask: torch.Tensor | None = None,
 ):
     """The NADO training loss: token-level BCE against the sequence labels plus the consistency term.
 
@@ -212,10 +213,15 @@ def nado_loss(
         sample_weights (`torch.Tensor` of shape `[B]`, *optional*): per-sequence importance weights (any positive
             scale; see `importance_weights`). Every token of a sequence carries its sequence's weight.
         return_parts (`bool`, *optional*, defaults to `False`): also return `(bce, consistency)` detached.
+        label_mask (`torch.Tensor` of shape `[B, L]`, *optional*): 1 on the completion tokens whose BCE counts (by
+            default all of them). With only a completion's last token, where the label is exact (`R(x, y) = C(x, y)`),
+            the consistency term, which keeps every completion position, carries the label back to the earlier
+            prefixes under `p_θ`, whatever distribution the completion was drawn from.
 
     Returns:
-        `torch.Tensor`: the scalar loss, the weighted mean over completion tokens of `bce + β · consistency`; with
-        `return_parts=True`, the tuple `(loss, bce, consistency)`.
+        `torch.Tensor`: the scalar loss, the weighted mean over labelled tokens of the BCE plus `β` times the weighted
+        mean over consecutive completion positions of the consistency term; with `return_parts=True`, the tuple
+        `(loss, bce, consistency)`.
     """
     nado_logits = nado_logits.float()
     lm_logits = lm_logits.detach().float()
@@ -226,7 +232,8 @@ def nado_loss(
     r_selected = r.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)  # r(ctx_t, y_{t+1}), [B, L-1]
 
     weights = torch.ones_like(labels, dtype=torch.float32) if sample_weights is None else sample_weights.float()
-    token_weights = weights[:, None] * predicts_completion.float()  # [B, L-1]
+    labelled = predicts_completion if label_mask is None else predicts_completion & label_mask[:, 1:].bool()
+    token_weights = weights[:, None] * labelled.float()  # [B, L-1]
     denominator = token_weights.sum().clamp(min=1e-8)
 
     target = labels.float()[:, None].expand_as(r_selected)

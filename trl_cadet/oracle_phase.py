@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TopPLogitsWarper
 from trl.trainer.utils import pad
@@ -496,12 +497,14 @@ def train_nado(
     seed: int = 0,
     extra_samples: Samples | None = None,
     progress: bool = False,
+    last_labels_only: int = 0,
 ) -> dict[str, float]:
     """Train `nado` on labelled samples of `policy` (warm start: it keeps its weights and optimiser state).
 
     With a sampling proposal other than the policy (`temperature != 1` or `top_p < 1`), each completion is weighted by
     the self-normalised importance weight `p_θ(y|x) / p_sample(y|x)` over all the phase's samples. `extra_samples`
-    (labelled corpus completions, not drawn from the proposal) are added with weight 1.
+    (labelled corpus completions, not drawn from the proposal) are added with weight 1; the first `last_labels_only`
+    of them train the BCE at their last token only (`nado_loss`'s `label_mask`), where the label is exact.
     """
     device = next(nado.parameters()).device
     tempered = importance_weighting and (temperature != 1.0 or top_p < 1.0)
@@ -530,6 +533,8 @@ def train_nado(
         features += extra_features
         weights = torch.cat([weights, torch.ones(len(extra_samples))])
         labels += extra_samples.labels
+    last_only = torch.zeros(len(features), dtype=torch.bool)
+    last_only[len(samples) : len(samples) + last_labels_only] = True
     n = len(features)
     weights = weights.to(device)
     features_time = time.perf_counter() - start_time
@@ -548,6 +553,11 @@ def train_nado(
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
             nado_logits, lm_logits, tokens, completion_mask = _nado_batch(policy, nado, [features[i] for i in index])
+            label_mask = None
+            if last_only[index].any():
+                # A row's last completion token sits in the column `completion_mask.sum(1)` (column 0 is context)
+                at_last = F.one_hot(completion_mask.sum(1), completion_mask.shape[1]).to(completion_mask.dtype)
+                label_mask = torch.where(last_only[index, None].to(at_last.device), at_last, completion_mask)
             loss, bce, consistency = nado_loss(
                 nado_logits,
                 lm_logits,
@@ -557,6 +567,7 @@ def train_nado(
                 consistency_weight=consistency_weight,
                 sample_weights=weights[index],
                 return_parts=True,
+                label_mask=label_mask,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -760,6 +771,7 @@ def run_oracle_phase(
                     importance_weighting=args.nado_importance_weighting,
                     seed=seed,
                     progress=progress,
+                    last_labels_only=len(corpus_samples or ()) if args.nado_corpus_labels == "last" else 0,
                 )
             )
     finally:
