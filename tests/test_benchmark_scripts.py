@@ -300,7 +300,8 @@ def test_quality_merges_runs_of_a_sweep_into_one_table(tmp_path):
 
 def test_paired_intervals_compare_rows_prompt_by_prompt(tmp_path):
     """A row half as toxic as the reference on every prompt is -50% whichever prompts are drawn; a row with the same
-    scores on other prompts has the same EMT, so 0%, but an interval; rows evaluated on other prompts are refused."""
+    scores shuffled among the prompts has the same EMT, so 0%, but a wide interval; rows evaluated on other prompts
+    are refused."""
     import random
 
     generator = random.Random(1)
