@@ -553,10 +553,10 @@ def train_nado(
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
             nado_logits, lm_logits, tokens, completion_mask = _nado_batch(policy, nado, [features[i] for i in index])
+            last = completion_mask.sum(1)  # the window's last column holds the last completion token (0 is context)
             label_mask = None
             if last_only[index].any():
-                # A row's last completion token sits in the column `completion_mask.sum(1)` (column 0 is context)
-                at_last = F.one_hot(completion_mask.sum(1), completion_mask.shape[1]).to(completion_mask.dtype)
+                at_last = F.one_hot(last, completion_mask.shape[1]).to(completion_mask.dtype)
                 label_mask = torch.where(last_only[index, None].to(at_last.device), at_last, completion_mask)
             loss, bce, consistency = nado_loss(
                 nado_logits,
@@ -575,7 +575,6 @@ def train_nado(
             with torch.no_grad():
                 # R predicted for the whole completion (at its last token) against the sequence label
                 rows = torch.arange(len(index), device=device)
-                last = completion_mask.sum(1)  # the window's last column holds the last completion token
                 r_last = nado_logits[rows, last - 1, tokens[rows, last]]
                 correct = (r_last > 0) == (labels[index] >= 0.5)
             totals["bce"] += bce.item()
