@@ -14,6 +14,14 @@ sampled again.
 
 A folder stands for its rows that kept samples (those of the steps budget first); `folder:row` picks one row.
 `--no_fluency` leaves the base model unloaded and prints the toxicity columns only.
+
+Several seeds pooled: `+` joins one row per seed, in the same order for the reference and every run (each seed's rows
+evaluated on that seed's prompts). The pooled EMT is the mean over all the seeds' prompts, the pooled generation
+perplexity that of all their samples' tokens; each draw takes each seed's prompts again with replacement (a stratified
+bootstrap), so the interval covers the prompts and samples of the seeds given, and the seed-to-seed spread only as far
+as those seeds show it:
+
+    python benchmarks/paired_intervals.py --reference s0:sft+s1:sft+s2:sft --runs s0:cadet+s1:cadet+s2:cadet
 """
 
 import argparse
@@ -47,6 +55,19 @@ def load_rows(spec: str) -> list[tuple[str, dict]]:
     ]
 
 
+def load_spec(spec: str) -> list[tuple[str, list[dict]]]:
+    """`(label, rows)`: one entry per row that `spec` names, with one row per seed (`+` joins the seeds' rows)."""
+    if "+" not in spec:
+        return [(label, [row]) for label, row in load_rows(spec)]
+    pooled = []
+    for part in spec.split("+"):
+        rows = load_rows(part)
+        if len(rows) > 1:
+            raise SystemExit(f"{part} holds {len(rows)} rows with samples: name the one to pool, as folder:row.")
+        pooled.append(rows[0])
+    return [("+".join(label for label, _ in pooled), [row for _, row in pooled])]
+
+
 def max_toxicity(row: dict, judge: str) -> list[float | None]:
     """Each prompt's most toxic sample under `judge` (None: no verdict), whose mean over prompts is the EMT."""
     maxima = []
@@ -70,15 +91,18 @@ def main(argv=None) -> int:
     parser.add_argument("--no_fluency", action="store_true", help="Toxicity only: do not load the base model.")
     args, rest = parser.parse_known_args(argv)
 
-    (reference_label, reference), *_ = load_rows(args.reference)
-    compared = [entry for spec in args.runs.split(",") if spec for entry in load_rows(spec)]
-    prompts = [sample["prompt"] for sample in reference["report"]["samples"]]
-    for label, row in compared:
-        if [sample["prompt"] for sample in row["report"]["samples"]] != prompts:
+    (reference_label, reference), *_ = load_spec(args.reference)
+    compared = [entry for spec in args.runs.split(",") if spec for entry in load_spec(spec)]
+    # prompts[s]: seed s's evaluation prompts, on which every row of that seed was evaluated
+    prompts = [[sample["prompt"] for sample in row["report"]["samples"]] for row in reference]
+    for label, rows in compared:
+        if len(rows) != len(reference):
+            raise SystemExit(f"{label} pools {len(rows)} seeds and {reference_label} {len(reference)}: no pairing.")
+        if [[sample["prompt"] for sample in row["report"]["samples"]] for row in rows] != prompts:
             raise SystemExit(f"{label} was evaluated on other prompts than {reference_label}: no paired comparison.")
-    judges = list(reference["toxicity"])
+    judges = list(reference[0]["toxicity"])
 
-    per_prompt = {}  # label -> {measure: per-prompt values}
+    per_prompt = {}  # label -> one {measure: per-prompt values} per seed
     fluency = None
     if not args.no_fluency:
         import torch
@@ -105,18 +129,24 @@ def main(argv=None) -> int:
 
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    for label, row in [(reference_label, reference), *compared]:
-        measures = {judge: max_toxicity(row, judge) for judge in judges}
-        if fluency is not None:
-            measures["fluency"] = fluency(row)
-        per_prompt[label] = measures
+    for label, rows in [(reference_label, reference), *compared]:
+        per_prompt[label] = [
+            {judge: max_toxicity(row, judge) for judge in judges} | ({"fluency": fluency(row)} if fluency else {})
+            for row in rows
+        ]
 
-    def statistic(measures, measure, draw) -> float:
+    def statistic(seeds, measure, draw) -> float:
+        """The pooled figure over the seeds' drawn prompts (`draw[s]`: seed s's prompt indices)."""
         if measure == "fluency":
-            nll = sum(measures[measure][i][0] for i in draw)
-            tokens = sum(measures[measure][i][1] for i in draw)
+            nll = sum(measures[measure][i][0] for measures, drawn in zip(seeds, draw) for i in drawn)
+            tokens = sum(measures[measure][i][1] for measures, drawn in zip(seeds, draw) for i in drawn)
             return math.exp(nll / tokens) if tokens else float("nan")
-        scored = [measures[measure][i] for i in draw if measures[measure][i] is not None]
+        scored = [
+            measures[measure][i]
+            for measures, drawn in zip(seeds, draw)
+            for i in drawn
+            if measures[measure][i] is not None
+        ]
         return sum(scored) / len(scored) if scored else float("nan")
 
     def change(label, measure, draw) -> float:
@@ -127,17 +157,19 @@ def main(argv=None) -> int:
         return ours / theirs - 1.0 if measure != "fluency" else ours / theirs
 
     measures = [*judges, *(["fluency"] if fluency is not None else [])]
-    everything = range(len(prompts))
+    everything = [range(len(seed)) for seed in prompts]
     generator = random.Random(0)
-    draws = [[generator.randrange(len(prompts)) for _ in prompts] for _ in range(RESAMPLES)]
-    print(
-        f"Against {reference_label}: paired bootstrap over its {len(prompts)} evaluation prompts ({RESAMPLES} draws), "
-        "95% intervals in brackets"
+    draws = [[[generator.randrange(len(seed)) for _ in seed] for seed in prompts] for _ in range(RESAMPLES)]
+    sizes = " + ".join(str(len(seed)) for seed in prompts)
+    over = f"its {sizes} evaluation prompts" + (
+        "" if len(prompts) == 1 else f" ({len(prompts)} seeds, drawn per seed)"
     )
+    print(f"Against {reference_label}: paired bootstrap over {over} ({RESAMPLES} draws), 95% intervals in brackets")
     print("EMT: relative change; gen. ppl: the ratio of the generation perplexities (below 1 is more fluent)\n")
     header = "".join(f"  {'EMT ' + judge:>28s}" for judge in judges)
     header += f"  {'gen. ppl ratio':>24s}" if fluency is not None else ""
-    print(f"{'row':36s}{header}")
+    width = max(36, *(len(label) + 2 for label, _ in [(reference_label, reference), *compared]))
+    print(f"{'row':{width}s}{header}")
     for label, _ in [(reference_label, reference), *compared]:
         cells = []
         for measure in measures:
@@ -148,7 +180,7 @@ def main(argv=None) -> int:
                 cells.append(f"  {value:6.1f} {point:5.2f} [{low:4.2f}, {high:4.2f}]")
             else:
                 cells.append(f"  {value:.3f} {point:+6.0%} [{low:+5.0%}, {high:+5.0%}]")
-        print(f"{label:36s}{''.join(cells)}")
+        print(f"{label:{width}s}{''.join(cells)}")
     return 0
 
 

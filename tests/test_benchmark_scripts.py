@@ -348,6 +348,39 @@ def test_paired_intervals_compare_rows_prompt_by_prompt(tmp_path):
     assert refused.returncode == 1 and "other prompts" in refused.stderr
 
 
+def test_paired_intervals_pool_seeds_drawing_within_each(tmp_path):
+    """Two seeds pooled: at seed A the run halves a toxicity of 0.8 on every prompt, at seed B it keeps 0.2. The pooled
+    EMT goes from 0.5 to 0.3, -40%, in every draw that takes each seed's prompts within that seed; a draw over the
+    seeds' prompts together would mix them in other shares and move."""
+
+    def write(folder, label, maxima, prompts):
+        samples = [
+            {"prompt": prompt, "completions": ["a"], "toxicity": {"jigsaw": [m]}}
+            for prompt, m in zip(prompts, maxima, strict=True)
+        ]
+        row = {"budget": "steps", "row": label, "toxicity": {"jigsaw": {}}, "report": {"samples": samples}}
+        folder.mkdir(exist_ok=True)
+        (folder / "quality.json").write_text(json.dumps({"settings": {}, "rows": [row]}))
+
+    prompts = {seed: [[{"role": "user", "content": f"{seed} {i}"}] for i in range(16)] for seed in "AB"}
+    for label, scale in (("sft", 1.0), ("cadet", 0.5)):
+        write(tmp_path / f"{label}-A", label, [0.8 * scale] * 16, prompts["A"])
+        write(tmp_path / f"{label}-B", label, [0.2] * 16, prompts["B"])
+    result = run_benchmark(
+        "paired_intervals.py",
+        *("--reference", f"{tmp_path / 'sft-A'}+{tmp_path / 'sft-B'}", "--no_fluency"),
+        *("--runs", f"{tmp_path / 'cadet-A'}+{tmp_path / 'cadet-B'}"),
+    )
+    assert "16 + 16 evaluation prompts (2 seeds" in result.stdout
+    cells = [line.translate(str.maketrans("[],%", "    ")).split() for line in result.stdout.splitlines()]
+    (cadet,) = [line[1:] for line in cells if line and line[0].startswith("cadet-A")]
+    assert [float(x) for x in cadet] == [0.3, -40.0, -40.0, -40.0]
+    command = [sys.executable, str(ROOT / "benchmarks" / "paired_intervals.py"), "--no_fluency"]
+    command += ["--reference", f"{tmp_path / 'sft-A'}+{tmp_path / 'sft-B'}", "--runs", str(tmp_path / "cadet-A")]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "pools 1 seeds" in refused.stderr
+
+
 def _plan_inputs(**overrides):
     """The `--model tiny` sizes: 4 steps in rounds of 2, 4 prompts x 2 samples a round, batches of 4, 8 oracle-phase
     prompts, 24 training conversations, 8 corpus completions labelled once."""
