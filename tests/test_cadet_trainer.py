@@ -264,6 +264,38 @@ def test_cadet_lowers_the_penalised_word_versus_plain_sft(tokenizer, tiny_llama,
     assert rates[4.0] < 0.5 * rates[0.0], rates
 
 
+def test_lm_loss_weighted_by_the_target_learns_the_penalised_word_less(tokenizer, tmp_path):
+    """λ = 0, so Ω moves nothing: with `lm_loss_weights="target"` the corpus's bad word, which the NADO model learns
+    from the corpus's labels to be unsafe, weighs less in the LM loss than the words around it, and the LM learns to
+    say it less than plain SFT does from the same start, data and seed."""
+    from tiny_llama import build_llama
+
+    rates, weights = {}, {}
+    for mode in ("uniform", "target"):
+        trainer = CADETTrainer(
+            model=build_llama(tokenizer),
+            oracle_funcs=no_bad_word,
+            args=tiny_cadet_config(
+                tmp_path / mode,
+                cadet_lambda=0.0,
+                lm_loss_weights=mode,
+                max_steps=40,
+                steps_per_round=10,
+                learning_rate=1e-2,
+                nado_epochs=4,
+            ),
+            train_dataset=corpus(),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        rates[mode] = _bad_word_rate(trainer.model, tokenizer)
+        weights[mode] = logged(trainer, "cadet/lm_weight")
+    print("bad-word rate:", rates, "mean LM weight at Ω's positions:", weights["target"])
+    assert not weights["uniform"] and weights["target"] and min(weights["target"]) < 1
+    assert rates["uniform"] > 0.1, "plain SFT should learn the bad word, or the test shows nothing"
+    assert rates["target"] < 0.5 * rates["uniform"], rates
+
+
 def test_lora_trains_adapters_only(tokenizer, tiny_llama, tmp_path):
     from peft import LoraConfig
 

@@ -13,7 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_cadet.nado import cadet_kl, importance_weights, nado_loss, sequence_logprobs, target_logprobs
+from trl_cadet.nado import (
+    cadet_kl,
+    importance_weights,
+    nado_loss,
+    sequence_logprobs,
+    target_logprobs,
+    target_token_weights,
+)
 
 
 V, T = 3, 3
@@ -130,6 +137,43 @@ def test_target_logprobs_equal_exact_conditionals_of_q_star(toy):
             torch.testing.assert_close(log_q[i, t].exp(), expected.float(), atol=1e-5, rtol=1e-4)
             checked += 1
     assert checked > 0
+
+
+def test_token_weights_are_q_star_over_p_capped_and_multiply_to_the_filtering_weight(toy):
+    """With the exact R, a token's weight is min(1, q*(y_t | y_<t) / p(y_t | y_<t)) (enumerated), and over a completion
+    whose factors are all at most 1 their product is C(y) / R(x), the weight filtering gives the whole completion."""
+    sequences = [y for y in toy.sequences if toy.C[y] > 0]
+    _, lm_logits, nado_logits, _ = toy.batch(sequences)
+    tokens = torch.tensor(sequences)
+    weights = target_token_weights(
+        lm_logits[:, :T].reshape(-1, V), nado_logits[:, :T].reshape(-1, V), tokens.reshape(-1)
+    ).view(len(sequences), T)
+    below_one = 0
+    for i, y in enumerate(sequences):
+        factors = [toy.q_conditional(y[t], y[:t]) / toy.p(y[t], y[:t]) for t in range(T)]
+        expected = torch.tensor([min(1.0, f) for f in factors], dtype=torch.float64)
+        torch.testing.assert_close(weights[i].double(), expected, atol=1e-5, rtol=1e-4)
+        if max(factors) <= 1:
+            below_one += 1
+            assert weights[i].double().prod().item() == pytest.approx(toy.C[y] / toy.R(()), rel=1e-4)
+    # With hard labels a satisfied completion's C(y) / R(x) = 1 / R(x) > 1: one of its factors is above 1
+    assert below_one > 0 or set(toy.C.values()) <= {0.0, 1.0}
+    assert (weights < 0.999).any()
+
+
+def test_token_weights_lower_an_implausible_unsafe_token_and_leave_neutral_ones():
+    """min-p leaves an implausible token at p in the target, but its weight still follows its R against the plausible
+    tokens' mean; a neutral token weighs 1 whatever its R."""
+    lm_logits = torch.tensor([[4.0, 3.0, -2.0, 1.0]]).repeat(3, 1)
+    nado_logits = torch.tensor([[2.0, 2.0, -3.0, -3.0]]).repeat(3, 1)
+    tokens = torch.tensor([0, 2, 3])
+    weights = target_token_weights(lm_logits, nado_logits, tokens, min_p=0.1, neutral_tokens=torch.tensor([3]))
+    mean = (torch.softmax(lm_logits[0, :2], -1) * torch.sigmoid(nado_logits[0, :2])).sum()
+    assert weights[0].item() == pytest.approx(1.0, abs=1e-6)  # as safe as the plausible mean
+    assert weights[1].item() == pytest.approx((torch.sigmoid(torch.tensor(-3.0)) / mean).item(), rel=1e-5)
+    assert weights[2].item() == 1.0  # neutral
+    log_q = target_logprobs(lm_logits, nado_logits, min_p=0.1)
+    assert log_q[1, 2].exp().item() == pytest.approx(torch.softmax(lm_logits[1], -1)[2].item(), rel=1e-5)
 
 
 def test_expected_summed_kl_under_q_star_is_minus_log_R(toy):

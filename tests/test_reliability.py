@@ -192,6 +192,11 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
             r"relies on the consistency term .* Set a positive `nado_consistency_weight`",
         ),
         (dict(nado_corpus_labels="first"), r"`nado_corpus_labels` must be one of 'all', 'last'"),
+        (
+            dict(lm_loss_weights="target", regularized_positions="samples"),
+            r"covers no corpus token\. Set `regularized_positions` to 'corpus' or 'both'",
+        ),
+        (dict(lm_loss_weights="oracle"), r"`lm_loss_weights` must be one of 'uniform', 'target'"),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):

@@ -20,6 +20,7 @@ _LAZY = {
     "nado_loss": "nado",
     "sequence_logprobs": "nado",
     "target_logprobs": "nado",
+    "target_token_weights": "nado",
 }
 __all__ = [
     "CADETConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "nado_loss",
     "sequence_logprobs",
     "target_logprobs",
+    "target_token_weights",
 ]
 
 if TYPE_CHECKING:
@@ -40,7 +42,15 @@ if TYPE_CHECKING:
     from .cadet_trainer import CADETTrainer
     from .decoding import NADOLogitsProcessor
     from .modeling_nado import NADOConfig, NADOModel
-    from .nado import cadet_kl, guided_logits, importance_weights, nado_loss, sequence_logprobs, target_logprobs
+    from .nado import (
+        cadet_kl,
+        guided_logits,
+        importance_weights,
+        nado_loss,
+        sequence_logprobs,
+        target_logprobs,
+        target_token_weights,
+    )
 
 
 def __getattr__(name: str):

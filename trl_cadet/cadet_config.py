@@ -171,6 +171,15 @@ class CADETConfig(SFTConfig):
             their first violating token. That token is found after labelling by bisecting the sample's prefixes with
             the oracles (about log2 of its length in calls, counted in `oracle/calls`); after it no continuation
             satisfies the constraint, so `R` is 0 for every token and the target is not defined there.
+        lm_loss_weights (`str`, *optional*, defaults to `"uniform"`):
+            How the LM loss weighs the corpus tokens that Ω covers: `"uniform"`, every token as `SFTTrainer` does;
+            `"target"`, each token's NLL times `min(1, R(ctx, y_t) / R̄(ctx))` (detached; `R̄` is the `p_θ`-weighted
+            mean of `R` over the plausible tokens, times `cadet_demote_below`), the factor by which the
+            constraint-satisfying distribution lowers the corpus's own next token. Its product over a completion is
+            the completion's weight `C(y) / R(x)`, which filtering applies to the whole completion: a token the NADO
+            model finds less safe than the alternatives is learned less, the tokens around it as by SFT, and the LM
+            loss no longer pulls up what Ω pushes down. The other tokens, and the evaluation loss, weigh 1. Needs
+            `regularized_positions` `"corpus"` or `"both"`; works at `cadet_lambda=0` too (weighting alone).
         samples_kl_weight (`float` or `None`, *optional*):
             With `regularized_positions="both"`, how Ω on the samples weighs against Ω on the corpus. `None`: one mean
             over both sets of positions, so the samples weigh by their share of them; a number `w`: `λ · (mean KL on
@@ -433,6 +442,15 @@ class CADETConfig(SFTConfig):
             "choices": ["all", "unsatisfied", "violations"],
         },
     )
+    lm_loss_weights: str = field(
+        default="uniform",
+        metadata={
+            "help": "How the LM loss weighs the corpus tokens Ω covers: 'uniform' (as SFTTrainer), or 'target' (each "
+            "token's NLL times min(1, R(y_t) / R̄), the factor by which the constraint-satisfying distribution lowers "
+            "it).",
+            "choices": ["uniform", "target"],
+        },
+    )
     samples_kl_weight: float | None = field(
         default=None,
         metadata={
@@ -488,6 +506,7 @@ class CADETConfig(SFTConfig):
             "regularized_positions": ("corpus", "samples", "both"),
             "regularized_corpus": ("all", "unsatisfied", "violations"),
             "regularized_samples": ("all", "unsatisfied", "violations"),
+            "lm_loss_weights": ("uniform", "target"),
             "round_schedule": ("sequential", "parallel"),
             "nado_head": ("tied", "full"),
             "nado_corpus_labels": ("all", "last"),
@@ -516,6 +535,12 @@ class CADETConfig(SFTConfig):
                 f"`regularized_corpus={self.regularized_corpus!r}` chooses among the training batch's completions, but "
                 "`regularized_positions='samples'` applies Ω to the oracle samples only. Set `regularized_positions` "
                 "to 'corpus' or 'both', or leave `regularized_corpus='all'`."
+            )
+        if self.lm_loss_weights == "target" and self.regularized_positions == "samples":
+            raise ValueError(
+                "`lm_loss_weights='target'` weighs the corpus tokens by the NADO model's R where Ω covers them, but "
+                "`regularized_positions='samples'` covers no corpus token. Set `regularized_positions` to "
+                "'corpus' or 'both', or leave `lm_loss_weights='uniform'`."
             )
         if self.samples_kl_weight is None and self.regularized_samples == "violations":
             self.samples_kl_weight = 0.25

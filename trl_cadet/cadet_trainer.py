@@ -54,7 +54,7 @@ from .modeling_nado import (
     remove_save_record,
     write_save_record,
 )
-from .nado import adaptive_lambda, cadet_kl, regularized_mask
+from .nado import adaptive_lambda, cadet_kl, regularized_mask, target_token_weights
 from .oracle_phase import (
     Labelling,
     PhaseResult,
@@ -795,9 +795,10 @@ class CADETTrainer(SFTTrainer):
             # cross-entropy with the uniform distribution over the vocabulary
             epsilon = self.args.label_smoothing_factor
             token_loss = (1 - epsilon) * token_loss - epsilon * log_p.mean(-1)
-        lm_loss = token_loss.sum() / normaliser
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            lm_loss = lm_loss * self.accelerator.num_processes
+        # As SFTTrainer, a token count summed over the processes is made up for by their number
+        summed = self.args.average_tokens_across_devices and num_items_in_batch is not None
+        processes = self.accelerator.num_processes if summed else 1
+        lm_loss = token_loss.sum() / normaliser * processes
         loss = lm_loss
 
         lam = self.cadet_lambda
@@ -823,6 +824,23 @@ class CADETTrainer(SFTTrainer):
                 # Only Ω's rows of the `[N, V]` buffers enter the KL (on whole conversations, a minority of the
                 # trained positions)
                 corpus_kl = self._position_kl(logits[regularized], nado_logits, lm_logprobs=log_p[regularized])
+                if self.args.lm_loss_weights == "target" and mode == "train":
+                    # Each covered token's NLL times min(1, R(y_t) / R̄): the LM loss learns less of what Ω lowers
+                    weights = torch.ones_like(token_loss).index_put(
+                        (regularized.nonzero()[:, 0],),
+                        target_token_weights(
+                            log_p[regularized],
+                            nado_logits,
+                            targets[regularized],
+                            min_p=self.args.cadet_min_p,
+                            demote_below=self.args.cadet_demote_below,
+                            neutral_tokens=self._neutral_tokens(logits.device),
+                        ),
+                    )
+                    loss = (token_loss * weights).sum() / normaliser * processes
+                    self._metrics[mode]["cadet/lm_weight"].append(
+                        self.accelerator.gather_for_metrics(weights[regularized].mean()).mean().item()
+                    )
             if regularized is not omega:  # KL 0 (q = p) at the satisfied completions' positions, which Ω's mean counts
                 corpus_kl = logits.new_zeros(int(omega.sum()), dtype=corpus_kl.dtype).index_put(
                     (regularized[omega].nonzero()[:, 0],), corpus_kl
@@ -835,7 +853,7 @@ class CADETTrainer(SFTTrainer):
         if lam > 0 and (corpus_kl is not None or sample_kl is not None):
             regulariser = lam * self._omega(corpus_kl, sample_kl) / steps
             if self.args.cadet_max_grad_ratio is not None and mode == "train" and regulariser.requires_grad:
-                loss = self._bounded_regulariser(model, lm_loss, regulariser)
+                loss = self._bounded_regulariser(model, loss, regulariser)
             else:
                 loss = loss + regulariser
 

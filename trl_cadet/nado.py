@@ -30,6 +30,23 @@ def guided_logits(lm_logits: torch.Tensor, nado_logits: torch.Tensor, strength: 
     return lm_logits.float() + strength * F.logsigmoid(nado_logits.float())
 
 
+def _plausible(z: torch.Tensor, min_p: float, neutral_tokens: torch.Tensor | None):
+    """The tokens the target reweights (`p >= min_p · max p`, not neutral), and the `p`-weighted log-mean over them
+    of a `[..., V]` log-weight (`[..., 1]`). `z`: the LM's logits or log-probabilities."""
+    cut_off = math.log(min_p) if min_p else -math.inf  # without a cut-off every token is plausible
+    plausible = z >= z.max(dim=-1, keepdim=True).values + cut_off
+    if neutral_tokens is not None:
+        plausible[..., neutral_tokens] = False
+    outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
+    log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
+
+    def plausible_mean(log_weight):
+        mean = torch.logsumexp(torch.where(plausible, z + log_weight, outside), dim=-1, keepdim=True) - log_mass
+        return mean.nan_to_num(nan=0.0)  # no plausible token (only neutral ones): any constant gives q = p
+
+    return plausible, plausible_mean
+
+
 def target_logprobs(
     lm_logits: torch.Tensor,
     nado_logits: torch.Tensor,
@@ -88,17 +105,8 @@ def target_logprobs(
     # Every step is invariant to a constant added to the logits, so they serve as log p without a softmax
     z = lm_logits.float()
     log_r = F.logsigmoid(nado_logits.float())
-    cut_off = math.log(min_p) if min_p else -math.inf  # without a cut-off every token is plausible
-    plausible = z >= z.max(dim=-1, keepdim=True).values + cut_off
-    if neutral_tokens is not None:
-        plausible[..., neutral_tokens] = False
-    outside = z.new_tensor(-math.inf)  # a scalar: no second `[..., V]` tensor
-    log_mass = torch.logsumexp(torch.where(plausible, z, outside), dim=-1, keepdim=True)
-
-    def plausible_mean(log_weight):
-        mean = torch.logsumexp(torch.where(plausible, z + log_weight, outside), dim=-1, keepdim=True) - log_mass
-        return mean.nan_to_num(nan=0.0)  # no plausible token (only neutral ones): any constant gives q = p
-
+    plausible, plausible_mean = _plausible(z, min_p, neutral_tokens)
+    outside = z.new_tensor(-math.inf)
     if safe_ratio < 1:
         safest = torch.where(plausible, log_r, outside).amax(dim=-1, keepdim=True)
         log_r = torch.minimum(log_r, safest + math.log(safe_ratio))
@@ -108,6 +116,42 @@ def target_logprobs(
         log_mean_r = plausible_mean(log_r)
     # The implausible tokens get the plausible ones' mean weight: the plausible set keeps its mass, the others keep p
     return torch.log_softmax(z + torch.where(plausible, log_r, log_mean_r), dim=-1)
+
+
+def target_token_weights(
+    lm_logits: torch.Tensor,
+    nado_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    min_p: float = 0.0,
+    demote_below: float = 1.0,
+    neutral_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each given next token's weight toward the constraint-satisfying distribution, `min(1, R(ctx, y) / (demote_below
+    · R̄(ctx)))`, with `R̄` the `p`-weighted mean of `R` over the plausible tokens (as in `target_logprobs`).
+
+    `R(ctx, y) / R(ctx)` is the factor by which `q*` lowers or raises `y` against `p`; its product over a completion is
+    the sequence's importance weight `C(y) / R(x)`, which filtering the corpus applies. Capped at 1, no token weighs
+    more than under plain SFT. The factor is taken whether or not `y` is plausible under the LM, so that a corpus
+    token the LM cannot write yet is weighed too; `neutral_tokens` weigh 1.
+
+    Args:
+        lm_logits (`torch.Tensor` of shape `[N, V]`): logits (or log-probabilities) of the LM at each context.
+        nado_logits (`torch.Tensor` of shape `[N, V]`): NADO logits at the same contexts.
+        tokens (`torch.Tensor` of shape `[N]`): the next token at each context.
+        min_p, demote_below, neutral_tokens: as in `target_logprobs`.
+
+    Returns:
+        `torch.Tensor` of shape `[N]`, in (0, 1], detached.
+    """
+    with torch.no_grad():
+        z = lm_logits.float()
+        log_r = F.logsigmoid(nado_logits.float())
+        _, plausible_mean = _plausible(z, min_p, neutral_tokens)
+        reference = plausible_mean(log_r)[:, 0] + math.log(demote_below)
+        weights = (log_r.gather(-1, tokens[:, None])[:, 0] - reference).clamp(max=0.0).exp()
+        if neutral_tokens is not None:
+            weights = torch.where(torch.isin(tokens, neutral_tokens), 1.0, weights)
+        return weights
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
