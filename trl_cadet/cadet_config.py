@@ -110,8 +110,8 @@ class CADETConfig(SFTConfig):
         > Parameters that control the regulariser
 
         cadet_lambda (`float`, *optional*, defaults to `1.0`):
-            λ, the weight of the regulariser Ω. `0.0` is plain SFT (the oracle phase still runs and is logged). With
-            `lambda_schedule="adaptive"`, the initial value.
+            λ, the weight of the regulariser Ω. `0.0` is plain SFT (the oracle phase still runs and is logged), unless
+            `lm_loss_weights="target"` weighs the LM loss. With `lambda_schedule="adaptive"`, the initial value.
         lambda_schedule (`str`, *optional*, defaults to `"constant"`):
             `"constant"` or `"adaptive"`: dual ascent on the constraint `E[C] >= target_satisfaction` in log space,
             `log λ ← log λ + lambda_lr · (target_satisfaction - ĉ)` after each oracle phase, so that a step scales with
