@@ -197,6 +197,10 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
             r"covers no corpus token\. Set `regularized_positions` to 'corpus' or 'both'",
         ),
         (dict(lm_loss_weights="oracle"), r"`lm_loss_weights` must be one of 'uniform', 'target'"),
+        (
+            dict(filter_corpus=True, regularized_corpus="unsatisfied"),
+            r"would cover none\. Leave `regularized_corpus='all'`, or set `filter_corpus=False`",
+        ),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):
@@ -217,6 +221,33 @@ def test_judging_the_corpus_completions_needs_rows_it_can_look_up(tokenizer, tmp
             args=tiny_cadet_config(tmp_path, regularized_corpus="unsatisfied", **options),
             train_dataset=train_dataset,
             processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("how", ["streamed", "pre-tokenized"])
+def test_filtering_the_corpus_needs_examples_it_can_score(tokenizer, tmp_path, how):
+    """`filter_corpus` scores every example before training: refused, before the model is loaded, for a stream (which
+    may never end) and for token ids (no completion text to score)."""
+    train_dataset = corpus().to_iterable_dataset() if how == "streamed" else corpus()
+    options = {"dataset_kwargs": {"skip_prepare_dataset": True}} if how == "pre-tokenized" else {}
+    with pytest.raises(ValueError, match=r"`filter_corpus=True` scores every completion .* set `filter_corpus=False`"):
+        CADETTrainer(
+            model=NO_MODEL,
+            oracle_funcs=no_bad_word,
+            args=tiny_cadet_config(tmp_path, filter_corpus=True, **options),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
+
+
+def test_filtering_away_the_whole_corpus_is_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"score every one of the \d+ corpus examples below `oracle_threshold=0.5`"):
+        build(
+            tmp_path,
+            tokenizer,
+            model=NO_MODEL,
+            oracle=lambda prompts, completions, **kw: [0.0] * len(completions),
+            filter_corpus=True,
         )
 
 

@@ -180,6 +180,15 @@ class CADETConfig(SFTConfig):
             model finds less safe than the alternatives is learned less, the tokens around it as by SFT, and the LM
             loss no longer pulls up what Ω pushes down. The other tokens, and the evaluation loss, weigh 1. Needs
             `regularized_positions` `"corpus"` or `"both"`; works at `cadet_lambda=0` too (weighting alone).
+        filter_corpus (`bool`, *optional*, defaults to `False`):
+            Before training, score every completion of the training corpus once with the oracles (each example's
+            completions as `regularized_corpus` judges them; the calls are counted in `oracle/calls`) and drop the
+            examples with one scored below `oracle_threshold` (one the oracles could not score is kept): the LM loss
+            then learns the oracle-filtered corpus, and Ω regularises it. The oracle-phase prompts (without
+            `prompt_dataset`) and the NADO model's labelled corpus completions still come from the whole corpus, so
+            the NADO model learns from the dropped completions too. With `cadet_lambda=0` it trains as `SFTTrainer`
+            on the filtered corpus. Needs a `Dataset` (not streamed); cannot go with `regularized_corpus` other than
+            `"all"` (every kept completion is satisfied).
         samples_kl_weight (`float` or `None`, *optional*):
             With `regularized_positions="both"`, how Ω on the samples weighs against Ω on the corpus. `None`: one mean
             over both sets of positions, so the samples weigh by their share of them; a number `w`: `λ · (mean KL on
@@ -451,6 +460,15 @@ class CADETConfig(SFTConfig):
             "choices": ["uniform", "target"],
         },
     )
+    filter_corpus: bool = field(
+        default=False,
+        metadata={
+            "help": "Before training, score every completion of the training corpus with the oracles once and train the "
+            "LM loss only on the examples whose completions all score at least `oracle_threshold` (the calls are "
+            "counted); the oracle-phase prompts and the NADO model's labelled corpus completions still come from the "
+            "whole corpus. With λ = 0 this is SFT on the oracle-filtered corpus."
+        },
+    )
     samples_kl_weight: float | None = field(
         default=None,
         metadata={
@@ -541,6 +559,12 @@ class CADETConfig(SFTConfig):
                 "`lm_loss_weights='target'` weighs the corpus tokens by the NADO model's R where Ω covers them, but "
                 "`regularized_positions='samples'` covers no corpus token. Set `regularized_positions` to "
                 "'corpus' or 'both', or leave `lm_loss_weights='uniform'`."
+            )
+        if self.filter_corpus and self.regularized_corpus != "all":
+            raise ValueError(
+                f"`filter_corpus=True` trains only on corpus examples the oracles score satisfied, so "
+                f"`regularized_corpus={self.regularized_corpus!r}`, which regularises the unsatisfied ones, would cover "
+                "none. Leave `regularized_corpus='all'`, or set `filter_corpus=False`."
             )
         if self.samples_kl_weight is None and self.regularized_samples == "violations":
             self.samples_kl_weight = 0.25

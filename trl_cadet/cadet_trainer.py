@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import broadcast, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments
@@ -96,6 +97,62 @@ def _check_nado_fits(nado_config: NADOConfig, lm: PreTrainedModel) -> None:
             f"the LM has {vocab_size} logits and {hidden_size}-wide states. Use a NADO model trained for this LM, or "
             "leave `nado_model`/`nado_model_name_or_path` unset to start from a new one."
         )
+
+
+def _satisfying_examples(corpus: Dataset, oracle_funcs: list, args: CADETConfig) -> tuple[list[int], int]:
+    """`filter_corpus`: the indices of the corpus examples none of whose completions (`row_completions`) the oracles
+    score below `oracle_threshold` (a completion they could not score counts as satisfied), and the oracle calls made.
+    Each process judges its share of the examples, in batches of `generation_batch_size`; all gather the result."""
+    state = PartialState()
+    rank, processes = state.process_index, state.num_processes
+    pairs = [
+        (index, pair)
+        for index in range(rank, len(corpus), processes)
+        for pair in row_completions(corpus[index], args.dataset_text_field)
+    ]
+    unsatisfied, unscored = set(), 0
+    size = args.generation_batch_size
+    for start in range(0, len(pairs), size):
+        batch = pairs[start : start + size]
+        scores = call_oracles(
+            oracle_funcs,
+            [prompt for _, (prompt, _) in batch],
+            [completion for _, (_, completion) in batch],
+            weights=args.oracle_weights,
+            max_retries=args.oracle_max_retries,
+            timeout=args.oracle_timeout,
+            retry_delay=args.oracle_retry_delay,
+        ).scores
+        for (index, _), score in zip(batch, scores, strict=True):
+            if score is None:
+                unscored += 1
+            elif score < args.oracle_threshold:
+                unsatisfied.add(index)
+    calls = len(pairs)
+    if processes > 1:
+        parts = gather_object([(sorted(unsatisfied), calls, unscored)])
+        unsatisfied = {index for part, _, _ in parts for index in part}
+        calls, unscored = sum(part[1] for part in parts), sum(part[2] for part in parts)
+    keep = [index for index in range(len(corpus)) if index not in unsatisfied]
+    if not keep:
+        raise ValueError(
+            f"`filter_corpus=True`: the oracles score every one of the {len(corpus)} corpus examples below "
+            f"`oracle_threshold={args.oracle_threshold}`, so nothing is left to train on. Check the oracles' scores "
+            "(1 means satisfied) and the threshold, or set `filter_corpus=False`."
+        )
+    if unscored:
+        logger.warning(
+            "filter_corpus: the oracles could not score %d corpus completions; their examples are kept.", unscored
+        )
+    logger.info(
+        "filter_corpus: the oracles scored %d of %d corpus examples unsatisfied (%d calls); the LM loss trains on the "
+        "other %d.",
+        len(unsatisfied),
+        len(corpus),
+        calls,
+        len(keep),
+    )
+    return keep, calls
 
 
 def _tokens_key(tokens) -> bytes:
@@ -258,6 +315,21 @@ class CADETTrainer(SFTTrainer):
                 "weight per oracle, or leave it unset for equal weights."
             )
         oracle_funcs = [load_oracle(oracle) for oracle in oracle_funcs]
+        # The oracle-phase prompts (above) and the NADO model's labelled corpus completions come from the whole corpus;
+        # with `filter_corpus`, the LM loss learns the examples the oracles score satisfied
+        whole_corpus, filter_calls = corpus, 0
+        if args.filter_corpus:
+            tokenized = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+            if tokenized or not isinstance(train_dataset, Dataset):
+                raise ValueError(
+                    "`filter_corpus=True` scores every completion of the corpus before training, which needs a "
+                    "`Dataset` of texts, conversations or prompt-completion pairs (not streamed, not pre-tokenized). "
+                    "Pass such a `Dataset`, or filter the corpus yourself and set `filter_corpus=False`."
+                )
+            keep, filter_calls = _satisfying_examples(corpus, oracle_funcs, args)
+            filtered = train_dataset.select(keep)
+            corpus = filtered if corpus is train_dataset else corpus.select(keep)
+            train_dataset = filtered
 
         if nado_model is None and args.nado_model_name_or_path is not None:
             path = args.nado_model_name_or_path
@@ -334,7 +406,7 @@ class CADETTrainer(SFTTrainer):
                     "and a special end-of-turn token."
                 )
         self._corpus_completions = extract_completions(
-            corpus,
+            whole_corpus,
             tokenizer,
             args.nado_corpus_samples,
             args.max_completion_length,
@@ -424,7 +496,7 @@ class CADETTrainer(SFTTrainer):
         self.cadet_lambda = args.cadet_lambda
         self.current_round = -1
         self.nado_source_round: int | None = None  # the round whose policy generated the NADO's training samples
-        self.oracle_calls = 0
+        self.oracle_calls = filter_calls
         self._latest_samples = Samples()
         # With `regularized_corpus` "unsatisfied" or "violations": the oracles' score of each corpus completion met so
         # far, by "source:row:completion"
