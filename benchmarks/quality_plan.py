@@ -138,10 +138,11 @@ def plan_runs(inputs: PlanInputs, rows: list[str], budgets: list[str]) -> tuple[
 
 
 def corpus_oracle_calls(corpus, tokenizer, config, oracle_name: str) -> tuple[int, int]:
-    """CADET's oracle calls on its corpus completions: `(once, per_round)`, the labelling and the bisection of the
-    unsatisfied ones at the first phase, and one rollout of each unsatisfied one per round (`nado_corpus_rollouts`).
-    Computed as the trainer computes them, with the training oracle (deterministic, as the demo's are)."""
-    from trl_cadet.data_utils import extract_completions
+    """CADET's oracle calls on its corpus completions: `(once, per_round)`, the scoring of every completion before
+    training (`filter_corpus`), the labelling and the bisection of the unsatisfied ones at the first phase, and one
+    rollout of each unsatisfied one per round (`nado_corpus_rollouts`). Computed as the trainer computes them, with the
+    training oracle (deterministic, as the demo's are)."""
+    from trl_cadet.data_utils import extract_completions, row_completions
     from trl_cadet.oracle_phase import first_violations, label_samples
     from trl_cadet.oracles import load_oracle
 
@@ -154,8 +155,11 @@ def corpus_oracle_calls(corpus, tokenizer, config, oracle_name: str) -> tuple[in
         config.dataset_text_field,
         seed=config.seed,
     )
+    filtering = 0
+    if config.filter_corpus:
+        filtering = sum(len(row_completions(example, config.dataset_text_field)) for example in corpus["train"])
     if not config.nado_corpus_rollouts or not completions.prompts:
-        return len(completions.prompts), 0
+        return filtering + len(completions.prompts), 0
     oracles = [load_oracle(oracle_name)]
     labelling = label_samples(
         oracles,
@@ -180,4 +184,4 @@ def corpus_oracle_calls(corpus, tokenizer, config, oracle_name: str) -> tuple[in
         threshold=config.oracle_threshold,
     )
     rollouts = sum(length is not None for length in lengths)
-    return len(completions.prompts) + bisection_calls, rollouts
+    return filtering + len(completions.prompts) + bisection_calls, rollouts
