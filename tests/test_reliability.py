@@ -224,11 +224,15 @@ def test_judging_the_corpus_completions_needs_rows_it_can_look_up(tokenizer, tmp
         )
 
 
-@pytest.mark.parametrize("how", ["streamed", "pre-tokenized"])
+@pytest.mark.parametrize("how", ["streamed", "pre-tokenized", "token ids"])
 def test_filtering_the_corpus_needs_examples_it_can_score(tokenizer, tmp_path, how):
     """`filter_corpus` scores every example before training: refused, before the model is loaded, for a stream (which
     may never end) and for token ids (no completion text to score)."""
-    train_dataset = corpus().to_iterable_dataset() if how == "streamed" else corpus()
+    train_dataset = {
+        "streamed": corpus().to_iterable_dataset(),
+        "pre-tokenized": corpus(),
+        "token ids": Dataset.from_list([{"input_ids": tokenizer("hello there")["input_ids"]}] * 8),
+    }[how]
     options = {"dataset_kwargs": {"skip_prepare_dataset": True}} if how == "pre-tokenized" else {}
     with pytest.raises(ValueError, match=r"`filter_corpus=True` scores every completion .* set `filter_corpus=False`"):
         CADETTrainer(

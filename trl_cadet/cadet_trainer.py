@@ -319,8 +319,10 @@ class CADETTrainer(SFTTrainer):
         # with `filter_corpus`, the LM loss learns the examples the oracles score satisfied
         whole_corpus, filter_calls = corpus, 0
         if args.filter_corpus:
-            tokenized = (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
-            if tokenized or not isinstance(train_dataset, Dataset):
+            columns = set(corpus.column_names or []) if isinstance(corpus, Dataset) else set()
+            texts = {"messages"} <= columns or {"conversations"} <= columns or {"prompt", "completion"} <= columns
+            texts = texts or args.dataset_text_field in columns
+            if not texts or (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
                 raise ValueError(
                     "`filter_corpus=True` scores every completion of the corpus before training, which needs a "
                     "`Dataset` of texts, conversations or prompt-completion pairs (not streamed, not pre-tokenized). "
