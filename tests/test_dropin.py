@@ -62,11 +62,34 @@ def a_batch(trainer) -> dict[str, torch.Tensor]:
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
+def assert_trains_as_sft_trainer(cadet, data, tokenizer, tmp_path) -> list[float]:
+    """Train `SFTTrainer` on `data` from a fresh tiny Llama with `cadet`'s training arguments and check that `cadet`,
+    trained already, logged the same LM losses and ended with the same weights, to float rounding; SFT's losses."""
+    from tiny_llama import build_llama
+    from trl import SFTTrainer
+
+    shared = ("use_cpu", "bf16", "gradient_checkpointing", "report_to", "max_steps", "per_device_train_batch_size")
+    shared += ("learning_rate", "logging_steps", "save_strategy", "seed", "disable_tqdm")
+    sft = SFTTrainer(
+        model=build_llama(tokenizer),
+        args=SFTConfig(output_dir=str(tmp_path / "sft"), **{name: getattr(cadet.args, name) for name in shared}),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    sft.train()
+    sft_losses = [entry["loss"] for entry in sft.state.log_history if "loss" in entry]
+    assert [entry["cadet/lm_loss"] for entry in cadet.state.log_history if "cadet/lm_loss" in entry] == pytest.approx(
+        sft_losses, abs=1e-5
+    )
+    for (name, ours), (_, theirs) in zip(cadet.model.named_parameters(), sft.model.named_parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0, msg=name)
+    return sft_losses
+
+
 def test_lambda_zero_trains_as_sft_trainer(tokenizer, tmp_path):
     """λ = 0 is plain SFT: from the same model, data and seed, CADET's LM loss (its own, beside the regulariser)
     and updates are `SFTTrainer`'s, up to float rounding, although its oracle phases sample and train a NADO model."""
     from tiny_llama import build_llama
-    from trl import SFTTrainer
 
     data = conversations(24, users=("hello there", "how are you"))
     args = one_round(tmp_path / "cadet", cadet_lambda=0.0, max_steps=6, steps_per_round=3)
@@ -74,23 +97,9 @@ def test_lambda_zero_trains_as_sft_trainer(tokenizer, tmp_path):
         model=build_llama(tokenizer), oracle_funcs=no_idiot, args=args, train_dataset=data, processing_class=tokenizer
     )
     cadet.train()
-    shared = ("use_cpu", "bf16", "gradient_checkpointing", "report_to", "max_steps", "per_device_train_batch_size")
-    shared += ("learning_rate", "logging_steps", "save_strategy", "seed", "disable_tqdm")
-    sft = SFTTrainer(
-        model=build_llama(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "sft"), **{name: getattr(args, name) for name in shared}),
-        train_dataset=data,
-        processing_class=tokenizer,
-    )
-    sft.train()
-    sft_losses = [entry["loss"] for entry in sft.state.log_history if "loss" in entry]
+    sft_losses = assert_trains_as_sft_trainer(cadet, data, tokenizer, tmp_path)
     assert len(sft_losses) == 6
-    assert [entry["cadet/lm_loss"] for entry in cadet.state.log_history if "cadet/lm_loss" in entry] == pytest.approx(
-        sft_losses, abs=1e-5
-    )
     assert sft_losses[-1] < sft_losses[0] - 0.05  # it trained
-    for (name, ours), (_, theirs) in zip(cadet.model.named_parameters(), sft.model.named_parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0, msg=name)
 
 
 def test_filter_corpus_at_lambda_zero_trains_as_sft_trainer_on_the_filtered_corpus(tokenizer, tmp_path):
@@ -98,7 +107,6 @@ def test_filter_corpus_at_lambda_zero_trains_as_sft_trainer_on_the_filtered_corp
     `SFTTrainer` on the corpus filtered by the same oracle, while the NADO model's labelled corpus completions still
     come from the whole corpus (the dropped insults among them) and the scoring calls are counted."""
     from tiny_llama import build_llama
-    from trl import SFTTrainer
 
     data = conversations(24, users=("hello there", "how are you"))
     args = one_round(tmp_path / "cadet", cadet_lambda=0.0, max_steps=4, steps_per_round=4, filter_corpus=True)
@@ -109,22 +117,8 @@ def test_filter_corpus_at_lambda_zero_trains_as_sft_trainer_on_the_filtered_corp
     nado_completions = tokenizer.batch_decode(cadet._corpus_completions.completion_ids)
     assert any("idiot" in text for text in nado_completions)
     cadet.train()
-    shared = ("use_cpu", "bf16", "gradient_checkpointing", "report_to", "max_steps", "per_device_train_batch_size")
-    shared += ("learning_rate", "logging_steps", "save_strategy", "seed", "disable_tqdm")
     filtered = data.filter(lambda row: "idiot" not in row["messages"][-1]["content"])
-    sft = SFTTrainer(
-        model=build_llama(tokenizer),
-        args=SFTConfig(output_dir=str(tmp_path / "sft"), **{name: getattr(args, name) for name in shared}),
-        train_dataset=filtered,
-        processing_class=tokenizer,
-    )
-    sft.train()
-    sft_losses = [entry["loss"] for entry in sft.state.log_history if "loss" in entry]
-    assert [entry["cadet/lm_loss"] for entry in cadet.state.log_history if "cadet/lm_loss" in entry] == pytest.approx(
-        sft_losses, abs=1e-5
-    )
-    for (name, ours), (_, theirs) in zip(cadet.model.named_parameters(), sft.model.named_parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0, msg=name)
+    assert len(assert_trains_as_sft_trainer(cadet, filtered, tokenizer, tmp_path)) == 4
     assert cadet.oracle_calls > 24 + len(cadet._corpus_completions.prompts)  # the phase's samples counted on top
 
 
