@@ -134,3 +134,18 @@ def test_the_parallel_schedule_is_refused_with_several_processes(ranks):
     _, (r0, r1) = ranks
     assert r0["parallel_error"] == r1["parallel_error"]
     assert "Use `round_schedule='sequential'` with several processes" in r0["parallel_error"]
+
+
+def test_filter_corpus_scores_each_share_once_and_keeps_the_same_examples(ranks):
+    _, (r0, r1) = ranks
+    f0, f1 = r0["filter"], r1["filter"]
+    # Each process scored half of the 10 examples, the two halves together the whole corpus
+    assert len(f0["scored"]) == len(f1["scored"]) == 5
+    assert sorted(f0["scored"] + f1["scored"]) == sorted(
+        f"bad day {i}" if i % 3 == 0 else f"good morning {i}" for i in range(10)
+    )
+    # Both dropped the examples either process scored unsatisfied, and counted both processes' calls
+    for kept in (f0["kept"], f1["kept"]):
+        assert len(kept) == 6 and not any("bad day" in text for text in kept)
+    assert f0["kept"] == f1["kept"]
+    assert f0["oracle_calls"] == f1["oracle_calls"] == 10

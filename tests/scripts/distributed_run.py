@@ -71,6 +71,35 @@ def fsdp2_checks(trainer, tokenizer, oracle) -> dict:
     }
 
 
+def filter_checks(tokenizer, output_dir: str, settings: dict) -> dict:
+    """`filter_corpus` with two processes: each scores its share of the corpus, and both keep the same examples and
+    count every process's calls."""
+    scored: list[str] = []
+
+    def word_oracle(prompts, completions, **kwargs):
+        texts = [completion[-1]["content"] for completion in completions]  # conversational: a list of messages
+        scored.extend(texts)
+        return [0.0 if "bad" in text else 1.0 for text in texts]
+
+    replies = [f"bad day {i}" if i % 3 == 0 else f"good morning {i}" for i in range(10)]
+    corpus = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r}]} for r in replies]
+    )
+    trainer = CADETTrainer(
+        model=build_llama(tokenizer),
+        oracle_funcs=word_oracle,
+        args=tiny_cadet_config(output_dir, **settings, filter_corpus=True),
+        train_dataset=corpus,
+        processing_class=tokenizer,
+    )
+    scored_by_filter = list(scored)  # what the NADO model's corpus completions add comes later
+    return {
+        "scored": scored_by_filter,
+        "kept": tokenizer.batch_decode([row["input_ids"] for row in trainer.train_dataset]),
+        "oracle_calls": trainer.oracle_calls,
+    }
+
+
 def main(output_dir: str) -> None:
     torch.set_num_threads(1)
     written: list[str] = []
@@ -175,7 +204,8 @@ def main(output_dir: str) -> None:
         "written": sorted(set(written)),
         "fsdp2": fsdp,
     }
-    # Last: a second trainer resets the accelerator state the first one uses
+    result["filter"] = filter_checks(tokenizer, output_dir, settings)
+    # Last: a further trainer resets the accelerator state the first one uses
     try:
         CADETTrainer(
             model=build_llama(tokenizer),
