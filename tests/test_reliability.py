@@ -643,6 +643,36 @@ def test_resuming_with_changed_arguments_uses_them_and_warns(tokenizer, tmp_path
     assert "`steps_per_round` changed from 2 to 3" in caplog.text
 
 
+def test_resuming_warns_when_filtering_keeps_other_examples(tokenizer, tmp_path, caplog):
+    """With `filter_corpus` the checkpoint records which examples the LM loss learned; a resumed run whose own filtering
+    keeps others (an oracle that changed its mind, or the option switched) warns, and one that keeps the same does not."""
+    strict = False  # once set, the oracle also rejects "thank you for asking"
+
+    def moody(prompts, completions, **kwargs):
+        texts = [c[-1]["content"] for c in completions]
+        return [0.0 if BAD_WORD in text or (strict and "thank" in text) else 1.0 for text in texts]
+
+    _run(tokenizer, tmp_path, "sequential", oracle=moody, max_steps=2, filter_corpus=True)
+    checkpoint = str(tmp_path / "checkpoint-2")
+    strict = True
+    resumes = {
+        "the 16 of 48 the oracles keep now": dict(oracle=moody),
+        "the whole corpus (`filter_corpus=False`)": dict(filter_corpus=False),
+        None: {},
+    }
+    for expected, options in resumes.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _run(
+                tokenizer, tmp_path, "sequential", resume=checkpoint, max_steps=3, **{"filter_corpus": True, **options}
+            )
+        if expected is None:
+            assert "corpus examples the oracles then kept" not in caplog.text
+        else:
+            assert "The checkpoint trained on the 32 of 48 corpus examples the oracles then kept" in caplog.text
+            assert expected in caplog.text
+
+
 # A real process killed with SIGKILL
 
 

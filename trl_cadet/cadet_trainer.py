@@ -317,7 +317,7 @@ class CADETTrainer(SFTTrainer):
         oracle_funcs = [load_oracle(oracle) for oracle in oracle_funcs]
         # The oracle-phase prompts (above) and the NADO model's labelled corpus completions come from the whole corpus;
         # with `filter_corpus`, the LM loss learns the examples the oracles score satisfied
-        whole_corpus, filter_calls = corpus, 0
+        whole_corpus, filter_calls, filtered_corpus = corpus, 0, None
         if args.filter_corpus:
             columns = set(corpus.column_names or []) if isinstance(corpus, Dataset) else set()
             texts = {"messages"} <= columns or {"conversations"} <= columns or {"prompt", "completion"} <= columns
@@ -329,6 +329,8 @@ class CADETTrainer(SFTTrainer):
                     "Pass such a `Dataset`, or filter the corpus yourself and set `filter_corpus=False`."
                 )
             keep, filter_calls = _satisfying_examples(corpus, oracle_funcs, args)
+            # Saved in checkpoints: a resumed run warns when its own filtering kept other examples
+            filtered_corpus = {"kept": len(keep), "of": len(corpus), "digest": _tokens_key(keep).hex()}
             filtered = train_dataset.select(keep)
             corpus = filtered if corpus is train_dataset else corpus.select(keep)
             train_dataset = filtered
@@ -499,6 +501,7 @@ class CADETTrainer(SFTTrainer):
         self.current_round = -1
         self.nado_source_round: int | None = None  # the round whose policy generated the NADO's training samples
         self.oracle_calls = filter_calls
+        self._filtered_corpus = filtered_corpus  # with `filter_corpus`: which examples the LM loss learns
         self._latest_samples = Samples()
         # With `regularized_corpus` "unsatisfied" or "violations": the oracles' score of each corpus completion met so
         # far, by "source:row:completion"
@@ -1325,6 +1328,7 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
             "corpus_scores": self._corpus_scores,
             "corpus_violations": self._corpus_violations,
             "rollout_prefixes": None if self._rollout_prefixes is None else self._rollout_prefixes.to_dict(),
+            "filtered_corpus": self._filtered_corpus,
             # The arguments a resumed run compares its own with, to warn about a change
             "args": {
                 name: getattr(self.args, name) for name in ("cadet_lambda", "lambda_schedule", "steps_per_round")
@@ -1424,6 +1428,9 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
                 self.args.cadet_lambda,
                 self.cadet_lambda,
             )
+        # Absent from checkpoints of older versions
+        if "filtered_corpus" in state and state["filtered_corpus"] != self._filtered_corpus:
+            self._warn_filter_changed(state["filtered_corpus"])
         if saved.get("steps_per_round", self.args.steps_per_round) != self.args.steps_per_round:
             with open(os.path.join(self._resume_path, TRAINER_STATE_NAME)) as f:
                 step = json.load(f)["global_step"]
@@ -1436,6 +1443,25 @@ nado = NADOModel.from_pretrained("{repo}", subfolder="{NADO_DIR}")
                 step // self.args.steps_per_round,
                 step,
             )
+
+    def _warn_filter_changed(self, saved: dict[str, Any] | None) -> None:
+        """The checkpoint's LM loss learned other corpus examples than this run's will: say which, and why it matters."""
+        now = self._filtered_corpus
+        if saved is None:
+            before = "trained on the whole corpus"
+        else:
+            before = f"trained on the {saved['kept']} of {saved['of']} corpus examples the oracles then kept"
+        if now is None:
+            after = "the whole corpus (`filter_corpus=False`)"
+        else:
+            after = f"the {now['kept']} of {now['of']} the oracles keep now"
+        logger.warning(
+            "The checkpoint %s; the resumed run trains on %s, so its data differ from the interrupted run's from here "
+            "on. With the same `filter_corpus`, corpus and `oracle_threshold`, an oracle that scores the same text "
+            "differently from call to call causes this.",
+            before,
+            after,
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if self.args.should_save:
