@@ -218,7 +218,11 @@ def main(argv=None) -> int:
         oracle_calls=args.oracle_calls,
         lambdas=tuple(args.lambdas) if args.lambdas else None,
     )
-    runs, entries, summary = plan_runs(inputs, args.rows, args.budgets)
+    try:
+        runs, entries, summary = plan_runs(inputs, args.rows, args.budgets)
+    except ValueError as error:  # a budget too small for the rows asked for
+        print(f"quality.py: error: {error}", file=sys.stderr)
+        return 2
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"Quality benchmark: {len(entries)} rows ({len(runs)} runs) on {setup.model_path}, {device}; "

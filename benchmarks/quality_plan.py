@@ -63,6 +63,14 @@ def plan_runs(inputs: PlanInputs, rows: list[str], budgets: list[str]) -> tuple[
     fixed_calls = inputs.corpus_calls + rounds * inputs.rollouts_per_round
     cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"] + fixed_calls
     budget_calls = inputs.oracle_calls if inputs.oracle_calls is not None else cadet_calls
+    cadet_rows = [row for row in rows if row.startswith("cadet")]
+    if "oracle_calls" in budgets and cadet_rows and budget_calls < fixed_calls + rounds:
+        raise ValueError(
+            f"--oracle_calls {budget_calls} leaves CADET no sample to label: its calls on the corpus completions "
+            f"alone are {fixed_calls} (the corpus scoring of `filter_corpus`, the NADO model's labelled corpus "
+            f"completions and their rollouts), and each of its {rounds} rounds needs at least one. Give at least "
+            f"{fixed_calls + rounds}, or lower those calls (`--filter_corpus false`, `--nado_corpus_samples`)."
+        )
     group = inputs.grpo_num_generations
     grpo_batch = math.ceil(inputs.per_device_train_batch_size / group) * group
     k = inputs.dpo_num_samples
