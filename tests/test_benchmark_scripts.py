@@ -128,6 +128,8 @@ def test_quality_benchmark_runs_on_a_tiny_model(tmp_path):
         str(tmp_path),
         "--nado_corpus_rollouts",  # so that CADET's corpus calls must be planned as the trainer makes them
         "true",
+        "--filter_corpus",  # the demo's default; its scoring of the 24 examples alone would spend the budget
+        "false",
         "--save_models",
         "--save_samples",
         timeout=600,
@@ -440,6 +442,17 @@ def test_quality_plan_under_the_oracle_call_budget_resizes_each_method():
     assert run_ids[("steps", "sft")] == run_ids[("oracle_calls", "sft")] == "steps-sft"
     assert run_ids[("oracle_calls", "filtered_sft")] == "steps-filtered_sft"
     assert len(runs) == 3 + 2 * 4
+
+
+def test_quality_plan_refuses_an_oracle_call_budget_below_cadets_corpus_calls():
+    from quality_plan import plan_runs
+
+    # The demo's filter scores all 24 examples before training: with 8 labelled corpus completions, 32 fixed calls
+    inputs = _plan_inputs(oracle_calls=33, corpus_calls=32)
+    with pytest.raises(ValueError, match=r"--oracle_calls 33 leaves CADET no sample.* alone are 32.* at least 34"):
+        plan_runs(inputs, ["sft", "cadet"], ["steps", "oracle_calls"])
+    plan_runs(inputs, ["sft", "filtered_sft"], ["steps", "oracle_calls"])  # no CADET row: nothing to refuse
+    plan_runs(_plan_inputs(oracle_calls=34, corpus_calls=32), ["cadet"], ["oracle_calls"])  # one sample a round
 
 
 def test_quality_plan_runs_the_cadet_row_once_per_lambda():
