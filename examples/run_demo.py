@@ -118,7 +118,9 @@ DEMO_DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
-    "cadet_lambda": 16.0,
+    "cadet_lambda": 32.0,
+    # The LM loss learns the corpus examples the oracle finds satisfied; Ω regularises what filtering cannot reach
+    "filter_corpus": True,
     "steps_per_round": 10,
     "prompts_per_round": 32,
     "num_generations": 4,
