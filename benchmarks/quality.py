@@ -29,8 +29,9 @@ Rows (`--rows` picks a subset):
   `trl_cadet.oracle_phase` (as many phases, prompts and samples as CADET's), and evaluation samples through
   `trl_cadet.decoding.NADOLogitsProcessor`.
 - `cadet`, `cadet_parallel` (`round_schedule="parallel"`), `cadet_adaptive` (`lambda_schedule="adaptive"`):
-  `CADETTrainer`. With `--filter_corpus true` they train on `filtered_sft`'s examples, in its order (the corpus
-  scored by the training oracle first; at λ = 0 the `filtered_sft` row), with the regulariser on top.
+  `CADETTrainer`. With the demo's `filter_corpus=True` (`--filter_corpus false` turns it off) they train on
+  `filtered_sft`'s examples, in its order (the corpus scored by the training oracle first; at λ = 0 the
+  `filtered_sft` row), with the regulariser on top.
 
 Every trained row uses the demo's LoRA, learning rate, batch size, scheduler and seed, and is evaluated like the demo's
 rows. Each row runs in a process of its own, so its peak memory is its own: forked from a multiprocessing fork server
