@@ -63,7 +63,7 @@ def plan_runs(inputs: PlanInputs, rows: list[str], budgets: list[str]) -> tuple[
     fixed_calls = inputs.corpus_calls + rounds * inputs.rollouts_per_round
     cadet_calls = rounds * cadet_sampling["prompts_per_round"] * cadet_sampling["num_generations"] + fixed_calls
     budget_calls = inputs.oracle_calls if inputs.oracle_calls is not None else cadet_calls
-    cadet_rows = [row for row in rows if row.startswith("cadet")]
+    cadet_rows = any(row.startswith("cadet") for row in rows)
     if "oracle_calls" in budgets and cadet_rows and budget_calls < fixed_calls + rounds:
         raise ValueError(
             f"--oracle_calls {budget_calls} leaves CADET no sample to label: its calls on the corpus completions "

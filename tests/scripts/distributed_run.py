@@ -92,9 +92,8 @@ def filter_checks(tokenizer, output_dir: str, settings: dict) -> dict:
         train_dataset=corpus,
         processing_class=tokenizer,
     )
-    scored_by_filter = list(scored)  # what the NADO model's corpus completions add comes later
     return {
-        "scored": scored_by_filter,
+        "scored": scored,  # the trainer does not train here: only the filter called the oracle
         "kept": tokenizer.batch_decode([row["input_ids"] for row in trainer.train_dataset]),
         "oracle_calls": trainer.oracle_calls,
     }
