@@ -149,3 +149,15 @@ def test_filter_corpus_scores_each_share_once_and_keeps_the_same_examples(ranks)
         assert len(kept) == 6 and not any("bad day" in text for text in kept)
     assert f0["kept"] == f1["kept"]
     assert f0["oracle_calls"] == f1["oracle_calls"] == 10
+
+
+def test_unsatisfied_prompts_are_drawn_from_every_processs_labelled_completions(ranks):
+    """`unsatisfied_prompts_share`: the corpus completions are labelled in shares, and every process draws the round's
+    eliciting prompts from all of them, the same draw split by rank."""
+    _, (r0, r1) = ranks
+    mine, theirs = r0["filter"]["round_prompts"], r1["filter"]["round_prompts"]
+    assert len(mine) == len(theirs) == 3  # prompts_per_round=6 over two processes
+    unsatisfied = {f"hello {i}" for i in range(0, 10, 3)}  # the "bad day" replies, labelled by both processes
+    # The draw is three uniform prompts, then three distinct unsatisfied ones; rank 0 takes its 1st, 3rd and 5th
+    eliciting = [mine[2], theirs[1], theirs[2]]
+    assert set(eliciting) <= unsatisfied and len(set(eliciting)) == 3

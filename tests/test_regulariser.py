@@ -3,6 +3,7 @@ tokens, corpus completions in NADO training, and an adaptive λ that reaches its
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -321,6 +322,69 @@ def test_corpus_completions_are_labelled_once_with_the_oracle_score_and_counted(
     assert 0.2 in samples.labels and 0.9 in samples.labels
     # 12 corpus completions once, then the policy's samples of the two rounds (4 prompts x 2 generations each)
     assert sum(calls) == 12 + 2 * 8 == trainer.oracle_calls
+
+
+def test_unsatisfied_prompts_share_samples_the_prompts_whose_corpus_completion_was_unsatisfied(
+    tokenizer, tiny_llama, tmp_path
+):
+    """Half of the round's prompts come from the labelled corpus completions the oracle judged unsatisfied (each once,
+    there being as many as needed), at no extra oracle call; without the option, the draw is the uniform one."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"you are an {BAD_WORD}" if i < 4 else "good morning"},
+            ]
+        }
+        for i in range(24)
+    ]
+    eliciting = [f"question {i}" for i in range(4)]
+
+    def sampled_prompts(share):
+        judged = []
+
+        def oracle(prompts, completions, **kwargs):
+            judged.append([p[-1]["content"] for p in prompts])
+            return no_bad_word(prompts, completions)
+
+        args = tiny_cadet_config(
+            tmp_path, max_steps=2, nado_corpus_samples=24, prompts_per_round=8, unsatisfied_prompts_share=share
+        )
+        trainer = CADETTrainer(
+            model=tiny_llama,
+            oracle_funcs=oracle,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        corpus_call, phase_call = judged  # the corpus labelled first, then the round's samples (2 per prompt)
+        assert len(corpus_call) == 24 and trainer.oracle_calls == 24 + 16
+        return phase_call[::2]
+
+    drawn = sampled_prompts(0.5)
+    assert len(drawn) == 8 and sorted(drawn[4:]) == eliciting  # after the uniform half, each eliciting prompt once
+    uniform = sampled_prompts(0.0)
+    # The draw of earlier versions, so that runs without the option reproduce theirs
+    rng = random.Random(0 * 1_000_003 + 0)
+    assert uniform == [f"question {i}" for i in rng.sample(range(24), 8)]
+    assert sum(p in eliciting for p in uniform) < 4
+
+
+def test_unsatisfied_prompts_share_warns_once_when_the_corpus_has_no_unsatisfied_completion(
+    tokenizer, tiny_llama, tmp_path, caplog
+):
+    trainer = CADETTrainer(
+        model=tiny_llama,
+        oracle_funcs=lambda prompts, completions, **kwargs: [1.0] * len(completions),
+        args=tiny_cadet_config(tmp_path, nado_corpus_samples=8, unsatisfied_prompts_share=0.5),
+        train_dataset=conversations(),
+        processing_class=tokenizer,
+    )
+    with caplog.at_level("WARNING", logger="trl_cadet"):
+        trainer.train()  # two rounds, all prompts drawn uniformly
+    warnings = [r.message for r in caplog.records if "unsatisfied_prompts_share" in r.message]
+    assert len(warnings) == 1 and "judged all 8 labelled corpus completions satisfied" in warnings[0]
 
 
 def test_corpus_rollouts_start_right_before_the_first_violating_token_and_are_counted(tokenizer, tiny_llama, tmp_path):

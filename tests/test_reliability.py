@@ -201,6 +201,11 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
             dict(filter_corpus=True, regularized_corpus="unsatisfied"),
             r"would cover none\. Leave `regularized_corpus='all'`, or set `filter_corpus=False`",
         ),
+        (dict(unsatisfied_prompts_share=1.5), r"`unsatisfied_prompts_share` must be in \[0, 1\]"),
+        (
+            dict(unsatisfied_prompts_share=0.5, nado_corpus_samples=0),
+            r"`nado_corpus_samples=0` labels none\. Set a positive `nado_corpus_samples`",
+        ),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):

@@ -49,6 +49,11 @@ class CADETConfig(SFTConfig):
             a multiple of their number so that each samples as many prompts.
         num_generations (`int`, *optional*, defaults to `4`):
             Completions sampled per prompt.
+        unsatisfied_prompts_share (`float`, *optional*, defaults to `0.0`):
+            Share of each round's prompts drawn from the prompts of the labelled corpus completions
+            (`nado_corpus_samples`) that the oracles judged unsatisfied: prompts known to elicit violations, where the
+            policy's samples teach the NADO model most (the paper samples prompts chosen to elicit toxicity). The rest
+            are drawn from all prompts. No oracle call is added. `0` draws every prompt uniformly.
         max_prompt_length (`int` or `None`, *optional*, defaults to `256`):
             Longest prompt, in tokens, accepted for the oracle phase; a longer one is an error, raised before training.
         max_completion_length (`int`, *optional*, defaults to `48`):
@@ -273,6 +278,13 @@ class CADETConfig(SFTConfig):
     num_generations: int = field(
         default=4,
         metadata={"help": "Completions sampled per prompt in the oracle phase."},
+    )
+    unsatisfied_prompts_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of each round's prompts drawn from the prompts of the labelled corpus completions that the "
+            "oracles judged unsatisfied (prompts known to elicit violations); the rest from all prompts."
+        },
     )
     max_prompt_length: int | None = field(
         default=256,
@@ -637,6 +649,17 @@ class CADETConfig(SFTConfig):
             raise ValueError(f"`nado_rank` must be non-negative, got {self.nado_rank}.")
         if self.nado_corpus_samples < 0:
             raise ValueError(f"`nado_corpus_samples` must be non-negative, got {self.nado_corpus_samples}.")
+        if not 0.0 <= self.unsatisfied_prompts_share <= 1.0:
+            raise ValueError(
+                f"`unsatisfied_prompts_share` must be in [0, 1], got {self.unsatisfied_prompts_share}; 0.5 draws half "
+                "of each round's prompts from those whose corpus completion the oracles judged unsatisfied."
+            )
+        if self.unsatisfied_prompts_share > 0 and self.nado_corpus_samples == 0:
+            raise ValueError(
+                "`unsatisfied_prompts_share` draws prompts from the labelled corpus completions the oracles judged "
+                "unsatisfied, and `nado_corpus_samples=0` labels none. Set a positive `nado_corpus_samples` (e.g. 256), "
+                "or `unsatisfied_prompts_share=0`."
+            )
         if self.nado_corpus_labels == "last" and self.nado_consistency_weight == 0:
             raise ValueError(
                 "`nado_corpus_labels='last'` trains on a corpus completion's label at its last position only and relies "

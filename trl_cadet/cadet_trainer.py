@@ -510,6 +510,7 @@ class CADETTrainer(SFTTrainer):
         self._corpus_violations: dict[str, int] = {}
         self._corpus_samples: Samples | None = None  # the labelled corpus completions, once the first phase ran
         self._rollout_prefixes: RolloutPrefixes | None = None  # where corpus-prefix rollouts start, found then too
+        self._warned_no_unsatisfied_prompts = False
         # The oracle phase whose NADO model is not installed yet: running in the background (parallel schedule), or
         # finished (waited for at a checkpoint, which saves it as it is, or restored from one)
         self._running_phase: Future | None = None
@@ -578,16 +579,51 @@ class CADETTrainer(SFTTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _round_prompts(self, round_index: int) -> tuple[list[Any], list[list[int]]]:
-        """This process's share of the round's prompts: the same draw on every process, then split by rank."""
+        """This process's share of the round's prompts: the same draw on every process, then split by rank.
+
+        With `unsatisfied_prompts_share`, that share of them is drawn from the prompts of the labelled corpus
+        completions the oracles judged unsatisfied (without replacement while there are enough), the rest uniformly."""
         rng = random.Random(self.args.seed * 1_000_003 + round_index)
         count = min(self.args.prompts_per_round, len(self.prompts))
-        chosen = rng.sample(range(len(self.prompts)), count)
+        eliciting = self._unsatisfied_prompts()
+        from_eliciting = round(count * self.args.unsatisfied_prompts_share) if eliciting else 0
+        pool = list(zip(self.prompts, self.prompt_ids, strict=True))
+        chosen = [pool[i] for i in rng.sample(range(len(pool)), count - from_eliciting)]
+        if from_eliciting <= len(eliciting):
+            chosen += rng.sample(eliciting, from_eliciting)
+        else:
+            chosen += [rng.choice(eliciting) for _ in range(from_eliciting)]
         # Every process gets as many prompts (a few drawn twice when they do not divide evenly): the forward passes of
         # a sharded model are collective, so all processes must sample the same number of batches
         processes = self.accelerator.num_processes
-        chosen += [rng.randrange(len(self.prompts)) for _ in range(-count % processes)]
+        chosen += [pool[rng.randrange(len(pool))] for _ in range(-count % processes)]
         mine = chosen[self.accelerator.process_index :: processes]
-        return [self.prompts[i] for i in mine], [self.prompt_ids[i] for i in mine]
+        return [prompt for prompt, _ in mine], [ids for _, ids in mine]
+
+    def _unsatisfied_prompts(self) -> list[tuple[Any, list[int]]]:
+        """`(prompt, prompt_ids)` of each labelled corpus completion the oracles judged unsatisfied, in the labelled
+        completions' order (empty without `unsatisfied_prompts_share` or before the corpus is labelled)."""
+        if not self.args.unsatisfied_prompts_share or self._corpus_samples is None:
+            return []
+        corpus = self._corpus_completions
+        prompt_of = {tuple(ids): prompt for prompt, ids in zip(corpus.prompts, corpus.prompt_ids, strict=True)}
+        samples = self._corpus_samples
+        # A resumed run's labelled completions come from its checkpoint: a prompt no longer in the corpus is skipped
+        found = [
+            (prompt_of[tuple(ids)], ids)
+            for ids, score in zip(samples.prompt_ids, samples.scores, strict=True)
+            if score < self.args.oracle_threshold and tuple(ids) in prompt_of
+        ]
+        if not found and not self._warned_no_unsatisfied_prompts:
+            self._warned_no_unsatisfied_prompts = True
+            logger.warning(
+                "`unsatisfied_prompts_share=%s`, but the oracles judged all %d labelled corpus completions satisfied, "
+                "so the oracle phase draws every prompt uniformly. Label more of the corpus (`nado_corpus_samples`) "
+                "or pass prompts that elicit violations as `prompt_dataset=`.",
+                self.args.unsatisfied_prompts_share,
+                len(samples),
+            )
+        return found
 
     def _gather(self, labelling: Labelling) -> Labelling:
         """Every process's samples and oracle reports, in process order, so that all train the same NADO model."""
@@ -654,9 +690,9 @@ class CADETTrainer(SFTTrainer):
         return prefixes, labelling.bisection_calls
 
     def _oracle_phase(self, policy, round_index: int, gather) -> PhaseResult:
-        prompts, prompt_ids = self._round_prompts(round_index)
         if self._corpus_samples is None and len(self._corpus_completions.prompts):
             self._label_corpus()  # the first phase, which runs in the foreground in both schedules
+        prompts, prompt_ids = self._round_prompts(round_index)
         if self._nado_initial is not None:  # a NADO model trained from the start, on this phase's samples only
             self._nado_train.load_state_dict(self._nado_initial)
             self.nado_optimizer.state.clear()

@@ -83,20 +83,28 @@ def filter_checks(tokenizer, output_dir: str, settings: dict) -> dict:
 
     replies = [f"bad day {i}" if i % 3 == 0 else f"good morning {i}" for i in range(10)]
     corpus = Dataset.from_list(
-        [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r}]} for r in replies]
+        [
+            {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": r}]}
+            for i, r in enumerate(replies)
+        ]
     )
     trainer = CADETTrainer(
         model=build_llama(tokenizer),
         oracle_funcs=word_oracle,
-        args=tiny_cadet_config(output_dir, **settings, filter_corpus=True),
+        args=tiny_cadet_config(output_dir, **settings, filter_corpus=True, unsatisfied_prompts_share=0.5),
         train_dataset=corpus,
         processing_class=tokenizer,
     )
-    return {
-        "scored": scored,  # the trainer does not train here: only the filter called the oracle
+    checks = {
+        "scored": list(scored),  # the trainer does not train here: only the filter called the oracle
         "kept": tokenizer.batch_decode([row["input_ids"] for row in trainer.train_dataset]),
         "oracle_calls": trainer.oracle_calls,
     }
+    # The corpus completions labelled as the first oracle phase does (each process its share, then gathered), and the
+    # share of this process of a round's prompts, half of them drawn from those whose completion was unsatisfied
+    trainer._label_corpus()
+    checks["round_prompts"] = [prompt[-1]["content"] for prompt in trainer._round_prompts(0)[0]]
+    return checks
 
 
 def main(output_dir: str) -> None:
