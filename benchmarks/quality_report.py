@@ -40,6 +40,16 @@ def format_table(rows: list[dict], judges: list[str], oracle: str) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
+def _curve_lambda(row: dict) -> float | None:
+    """Where a row sits on the λ curve: its `--lambdas` value, or for a CADET row at the default λ the constant λ it
+    trained with (`final_lambda`); `None` (off the curve) for the baselines, an adaptive λ and a run with its own
+    `cadet_min_p`."""
+    plan = row["plan"]
+    if "cadet_min_p" in plan or plan.get("lambda_schedule", "constant") != "constant":
+        return None
+    return plan.get("cadet_lambda", (row.get("info") or {}).get("final_lambda"))
+
+
 def plot(rows: list[dict], output_dir: str) -> list[str]:
     try:
         import matplotlib  # noqa: F401
@@ -51,12 +61,7 @@ def plot(rows: list[dict], output_dir: str) -> list[str]:
     paths = []
     for budget in dict.fromkeys(row["budget"] for row in rows):
         entries = [
-            {
-                # a run with its own `cadet_min_p` is a point off the λ curve
-                "label": row["row"],
-                "lambda": None if "cadet_min_p" in row["plan"] else row["plan"].get("cadet_lambda"),
-                "report": row["report"],
-            }
+            {"label": row["row"], "lambda": _curve_lambda(row), "report": row["report"]}
             for row in rows
             if row["budget"] == budget and row.get("report")
         ]

@@ -474,3 +474,15 @@ def test_a_reply_judged_by_its_sentences_is_as_toxic_as_its_worst_part():
     prompt = [{"role": "user", "content": "hi"}]
     replies = ["Hello there. You idiot! Nice day.", "Hello there. Nice day.", "Hello there, you idiot!"]
     assert sentence_toxicity(judge, prompt, replies, [0.3, 0.3, 0.3]) == pytest.approx([0.9, 0.3, 0.3])
+
+
+def test_the_lambda_curve_places_a_default_lambda_row_at_the_lambda_it_trained_with():
+    """A CADET row run at the demo's default λ (no `--lambdas`) joins the λ curve at its constant λ; the baselines, an
+    adaptive λ and a run with its own min-p stay off it."""
+    from quality_report import _curve_lambda
+
+    assert _curve_lambda({"plan": {"max_steps": 30}, "info": {"final_lambda": 16.0}}) == 16.0
+    assert _curve_lambda({"plan": {"cadet_lambda": 8.0}, "info": {"final_lambda": 8.0}}) == 8.0
+    assert _curve_lambda({"plan": {"max_steps": 30}, "info": None}) is None  # SFT
+    assert _curve_lambda({"plan": {"lambda_schedule": "adaptive"}, "info": {"final_lambda": 21.3}}) is None
+    assert _curve_lambda({"plan": {"cadet_lambda": 8.0, "cadet_min_p": 0.02}, "info": {}}) is None
