@@ -618,8 +618,8 @@ class CADETTrainer(SFTTrainer):
             self._warned_no_unsatisfied_prompts = True
             logger.warning(
                 "`unsatisfied_prompts_share=%s`, but the oracles judged all %d labelled corpus completions satisfied, "
-                "so the oracle phase draws every prompt uniformly. Label more of the corpus (`nado_corpus_samples`) "
-                "or pass prompts that elicit violations as `prompt_dataset=`.",
+                "so the oracle phase draws every prompt uniformly. Label more of the corpus (`nado_corpus_samples`), "
+                "or set `unsatisfied_prompts_share=0` and pass prompts that elicit violations as `prompt_dataset=`.",
                 self.args.unsatisfied_prompts_share,
                 len(samples),
             )
