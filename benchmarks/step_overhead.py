@@ -11,6 +11,7 @@ arm in a fresh process.
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -74,6 +75,7 @@ def make_trainer(
     which_samples: str = "all",
     max_grad_ratio: float | None = None,
     grad_ratio_steps: int = 1,
+    samples_kl_steps: int = 1,
 ):
     from trl import SFTConfig, SFTTrainer
 
@@ -108,6 +110,7 @@ def make_trainer(
             samples_per_step=samples_per_step,
             cadet_max_grad_ratio=max_grad_ratio,
             cadet_grad_ratio_steps=grad_ratio_steps,
+            samples_kl_steps=samples_kl_steps,
         ),
         train_dataset=corpus(),
         processing_class=tokenizer,
@@ -234,6 +237,7 @@ def peak_memory(
     which_samples: str = "all",
     max_grad_ratio: float | None = None,
     grad_ratio_steps: int = 1,
+    samples_kl_steps: int = 1,
 ) -> float:
     """Peak resident memory (MiB) of `steps` training steps of one arm, measured in a fresh process."""
     code = (
@@ -241,7 +245,7 @@ def peak_memory(
         f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
         "import step_overhead as b; "
         f"m, t = b.build({model_name!r}); tr = b.make_trainer({kind!r}, m, t, {batch_size}, tempfile.mkdtemp(), {lora!r}, {positions!r}, "
-        f"{samples_per_step!r}, {which_samples!r}, {max_grad_ratio!r}, {grad_ratio_steps!r}); "
+        f"{samples_per_step!r}, {which_samples!r}, {max_grad_ratio!r}, {grad_ratio_steps!r}, {samples_kl_steps!r}); "
         f"b.time_steps(tr, {steps}, warmup=0); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
@@ -290,6 +294,13 @@ def main(argv=None):
         help="With --cadet_max_grad_ratio, take the two gradients apart every this many steps. A step's time is then "
         "the median, over runs of this many steps, of their mean.",
     )
+    parser.add_argument(
+        "--samples_kl_steps",
+        type=int,
+        default=1,
+        help="With Ω on samples, run their extra pass every this many steps (a step's time is then the median, over "
+        "runs of this many steps, of their mean).",
+    )
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
 
@@ -305,8 +316,12 @@ def main(argv=None):
         row["regularized_samples"] = args.regularized_samples
         row["cadet_max_grad_ratio"] = args.cadet_max_grad_ratio
         row["cadet_grad_ratio_steps"] = args.cadet_grad_ratio_steps
-        cycle = args.cadet_grad_ratio_steps if args.cadet_max_grad_ratio is not None else 1
-        steps = -(-args.steps // cycle) * cycle  # whole cycles, each with one measured step
+        row["samples_kl_steps"] = args.samples_kl_steps
+        cycle = math.lcm(
+            args.cadet_grad_ratio_steps if args.cadet_max_grad_ratio is not None else 1,
+            args.samples_kl_steps if args.regularized_positions != "corpus" else 1,
+        )
+        steps = -(-args.steps // cycle) * cycle  # whole cycles: each with one measured step, one pass over samples
         for kind in ("sft", "cadet"):
             model, tokenizer = build(model_name)
             with tempfile.TemporaryDirectory() as tmp:
@@ -322,6 +337,7 @@ def main(argv=None):
                     args.regularized_samples,
                     args.cadet_max_grad_ratio,
                     args.cadet_grad_ratio_steps,
+                    args.samples_kl_steps,
                 )
                 times = time_steps(trainer, steps)
                 row[f"{kind}_step_s"] = statistics.median(
@@ -341,6 +357,7 @@ def main(argv=None):
                     args.regularized_samples,
                     args.cadet_max_grad_ratio,
                     args.cadet_grad_ratio_steps,
+                    args.samples_kl_steps,
                 )
         row["step_ratio"] = row["cadet_step_s"] / row["sft_step_s"]
         results.append(row)
@@ -349,6 +366,8 @@ def main(argv=None):
     where = args.regularized_positions
     if where != "corpus":
         where += f", {args.samples_per_step or args.batch_size} {args.regularized_samples} samples a step"
+        if args.samples_kl_steps > 1:
+            where += f" every {args.samples_kl_steps} steps"
     where += " positions"
     if args.cadet_max_grad_ratio is not None:
         where += f", its gradient bounded at {args.cadet_max_grad_ratio}x the LM loss's"

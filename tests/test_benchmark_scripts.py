@@ -34,13 +34,15 @@ def assert_finite(values: dict, keys) -> None:
 
 def test_step_overhead(tmp_path):
     out = tmp_path / "step_overhead.json"
-    # Ω on the corpus and on oracle samples' violations, its gradient bounded: every part of the step is timed
+    # Ω on the corpus and on oracle samples' violations (every other step), its gradient bounded: every part of the
+    # step is timed
     options = ["--models", "tiny", "--steps", "2", "--no_memory", "--threads", "1", "--regularized_positions", "both"]
-    options += ["--regularized_samples", "violations", "--cadet_max_grad_ratio", "1"]
+    options += ["--regularized_samples", "violations", "--cadet_max_grad_ratio", "1", "--samples_kl_steps", "2"]
     run_benchmark("step_overhead.py", *options, "--json", str(out))
     (row,) = json.loads(out.read_text())["results"]
     assert row["model"] == "tiny" and row["regularized_positions"] == "both"
     assert row["regularized_samples"] == "violations" and row["cadet_max_grad_ratio"] == 1.0
+    assert row["samples_kl_steps"] == 2
     assert_finite(row, ["sft_step_s", "cadet_step_s", "step_ratio"])
     parts = {"forward", "nado_head", "kl", "samples_omega", "gradients_apart", "backward"}
     assert set(row["cadet_parts_s"]) == parts

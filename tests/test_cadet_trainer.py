@@ -571,6 +571,28 @@ def test_samples_kl_weight_adds_the_samples_mean_to_the_corpus_mean(tokenizer, t
     assert regulariser == pytest.approx(lam * (corpus + weight * samples), rel=1e-4)
 
 
+def test_samples_kl_steps_runs_the_samples_pass_every_kth_step_weighted_k_times(tokenizer, tiny_llama, tmp_path):
+    """`samples_kl_steps` k: the samples' extra pass runs at every k-th optimisation step only, where their KL counts
+    k times (here through `samples_kl_weight`), so that they weigh as much over k steps as when run every step."""
+    lam, weight, every = 4.0, 0.5, 3
+    trainer, batch, regulariser, corpus, samples = one_step_with_four_samples(
+        tokenizer, tiny_llama, tmp_path, cadet_lambda=lam, samples_kl_weight=weight, samples_kl_steps=every
+    )
+    assert regulariser == pytest.approx(lam * (corpus + every * weight * samples), rel=1e-4)
+    passes = []
+    original = trainer._samples_kl
+    trainer._samples_kl = lambda model: passes.append(trainer.state.global_step) or original(model)
+    for step in range(1, 7):
+        trainer.state.global_step = step
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(trainer.model, batch)
+        if step % every:  # no pass: Ω is the corpus's alone
+            assert "cadet/kl_samples" not in trainer._metrics["train"]
+            corpus = logged_metric(trainer, "cadet/kl")
+            assert loss.item() - logged_metric(trainer, "cadet/lm_loss") == pytest.approx(lam * corpus, rel=1e-4)
+    assert passes == [3, 6]
+
+
 def test_omega_is_one_mean_over_the_corpus_and_sample_positions(tokenizer, tiny_llama, tmp_path):
     """With `regularized_positions="both"`, Ω is the mean KL over the corpus's and the samples' positions together
     (METHOD.md), not the sum of the two means."""

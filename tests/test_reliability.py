@@ -206,6 +206,11 @@ def test_a_nado_model_for_another_vocabulary_is_refused(tokenizer, tmp_path):
             dict(unsatisfied_prompts_share=0.5, nado_corpus_samples=0),
             r"`nado_corpus_samples=0` labels none\. Set a positive `nado_corpus_samples`",
         ),
+        (dict(samples_kl_steps=0), r"`samples_kl_steps` must be at least 1"),
+        (
+            dict(samples_kl_steps=4),
+            r"`regularized_positions='corpus'` covers no sample\. Set `regularized_positions` to 'samples' or 'both'",
+        ),
     ],
 )
 def test_contradictory_config_values(tmp_path, overrides, match):

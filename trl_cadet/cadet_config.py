@@ -203,6 +203,10 @@ class CADETConfig(SFTConfig):
         samples_per_step (`int` or `None`, *optional*):
             Oracle samples in the extra forward pass of each step when Ω covers samples. Defaults to
             `per_device_train_batch_size`.
+        samples_kl_steps (`int`, *optional*, defaults to `1`):
+            When Ω covers samples, run that extra forward pass every `k`-th optimisation step only, with the samples'
+            KL multiplied by `k` there (in Ω's one mean, or before `samples_kl_weight`), so that the samples weigh as
+            much over `k` steps as when they enter every step, at a `k`-th of the pass's cost. `1` runs it every step.
         cadet_max_grad_ratio (`float` or `None`, *optional*):
             Bound on the regulariser's share of each update: when the gradient of `λ · Ω` over the trainable
             parameters is larger in norm than `cadet_max_grad_ratio` times the LM loss's, `λ · Ω` is scaled down to
@@ -496,6 +500,13 @@ class CADETConfig(SFTConfig):
             "`per_device_train_batch_size`."
         },
     )
+    samples_kl_steps: int = field(
+        default=1,
+        metadata={
+            "help": "When Ω covers samples, run their extra forward pass every this many steps only, their KL multiplied "
+            "by that number there."
+        },
+    )
     cadet_max_grad_ratio: float | None = field(
         default=None,
         metadata={
@@ -556,6 +567,7 @@ class CADETConfig(SFTConfig):
             "steps_per_round",
             "corpus_prompt_length",
             "cadet_grad_ratio_steps",
+            "samples_kl_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -565,6 +577,12 @@ class CADETConfig(SFTConfig):
                 f"`regularized_corpus={self.regularized_corpus!r}` chooses among the training batch's completions, but "
                 "`regularized_positions='samples'` applies Ω to the oracle samples only. Set `regularized_positions` "
                 "to 'corpus' or 'both', or leave `regularized_corpus='all'`."
+            )
+        if self.samples_kl_steps > 1 and self.regularized_positions == "corpus":
+            raise ValueError(
+                f"`samples_kl_steps={self.samples_kl_steps}` sets how often Ω's pass over the oracle samples runs, but "
+                "`regularized_positions='corpus'` covers no sample. Set `regularized_positions` to 'samples' or "
+                "'both', or leave `samples_kl_steps=1`."
             )
         if self.lm_loss_weights == "target" and self.regularized_positions == "samples":
             raise ValueError(

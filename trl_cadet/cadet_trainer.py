@@ -959,10 +959,19 @@ class CADETTrainer(SFTTrainer):
                     (regularized[omega].nonzero()[:, 0],), corpus_kl
                 )
             kl = corpus_kl.mean() / steps
-        if positions in ("samples", "both") and mode == "train" and len(self._latest_samples) and lam > 0:
+        every = self.args.samples_kl_steps
+        if (
+            positions in ("samples", "both")
+            and mode == "train"
+            and len(self._latest_samples)
+            and lam > 0
+            and self.state.global_step % every == 0
+        ):
             sample_kl = self._samples_kl(model)
             if sample_kl is not None:
                 self._metrics[mode]["cadet/kl_samples"].append(sample_kl.mean().item() / steps)
+                # run every k-th step only, the samples weigh k times there: as much over k steps as every step
+                sample_kl = sample_kl * every
         if lam > 0 and (corpus_kl is not None or sample_kl is not None):
             regulariser = lam * self._omega(corpus_kl, sample_kl) / steps
             if self.args.cadet_max_grad_ratio is not None and mode == "train" and regulariser.requires_grad:
