@@ -497,6 +497,43 @@ def test_consistency_term_vanishes_at_the_true_R_and_not_elsewhere():
     assert perturbed.item() > 1e-3
 
 
+def test_consistency_term_equals_its_definition_in_float64_with_peaked_p_and_saturated_R():
+    """The consistency term, computed in fp32 as two sums of positive terms, equals `KL(Bern(E_t) ‖ Bern(R(x, y_≤t)))`
+    with `E_t = Σ_v p(v) R(x, y_≤t, v)`, taken in float64 straight from the definition, in value and in gradient, also
+    where p is peaked and R saturates (|r| up to 60, where 1 - E_t is far below fp32's precision around 1)."""
+    torch.manual_seed(3)
+    batch, length, vocab = 3, 7, 50
+    lm_logits = torch.randn(batch, length, vocab) * 8
+    nado_logits = torch.randn(batch, length, vocab) * 4 + torch.tensor([20.0, 0.0, -20.0])[:, None, None]
+    nado_logits[0, :, :10] = 60.0  # R ≈ 1 on the likeliest tokens of the first sequence
+    input_ids = torch.randint(0, vocab, (batch, length))
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1]])
+    r32 = nado_logits.clone().requires_grad_(True)
+    _, _, consistency = nado_loss(r32, lm_logits, input_ids, torch.ones(batch), completion_mask, return_parts=True)
+    (grad32,) = torch.autograd.grad(
+        nado_loss(r32, lm_logits, input_ids, torch.ones(batch), completion_mask, consistency_weight=1.0)
+        - nado_loss(r32, lm_logits, input_ids, torch.ones(batch), completion_mask, consistency_weight=0.0),
+        r32,
+    )
+
+    r64 = nado_logits.double().requires_grad_(True)
+    p = torch.softmax(lm_logits.double(), dim=-1)
+    terms = []
+    for b in range(batch):
+        for t in range(1, length - 1):  # E at context ≤ t against R(ctx_<t, y_t), both completion tokens
+            if completion_mask[b, t] and completion_mask[b, t + 1]:
+                e, not_e = (p[b, t] * torch.sigmoid(r64[b, t])).sum(), (p[b, t] * torch.sigmoid(-r64[b, t])).sum()
+                prev, not_prev = (
+                    torch.sigmoid(r64[b, t - 1, input_ids[b, t]]),
+                    torch.sigmoid(-r64[b, t - 1, input_ids[b, t]]),
+                )
+                terms.append(e * (e / prev).log() + not_e * (not_e / not_prev).log())  # 1 - σ(r) = σ(-r)
+    reference = torch.stack(terms).mean()
+    (grad64,) = torch.autograd.grad(reference, r64)
+    assert consistency.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(grad32.double(), grad64, rtol=1e-4, atol=1e-6 * grad64.abs().max().item())
+
+
 def test_bce_selects_the_logit_of_the_next_token():
     """Position t of `nado_logits` scores token t + 1: only that entry may receive the BCE gradient."""
     input_ids = torch.tensor([[5, 1, 2, 0]])

@@ -288,10 +288,14 @@ def nado_loss(
     if consistency_weight:
         # E_t at position t (context ctx_t = tokens ≤ t) must equal R of the same prefix, which the NADO predicted at
         # position t - 1 for token t. Both positions must predict completion tokens.
-        log_p = torch.log_softmax(lm_logits[:, 1:-1], dim=-1)
+        # E_t and 1 - E_t as two sums of positive terms, in probability space: no cancellation (1 - E_t is not
+        # taken from E_t), fp32 holds sigmoid(-r) down to |r| ≈ 87, and it takes half the time of the same sums in
+        # log space (logsumexp over [B, L, V] twice), which the NADO steps' time is mostly spent on
+        p = torch.softmax(lm_logits[:, 1:-1], dim=-1)
         r_next = r[:, 1:]
-        log_e = torch.logsumexp(log_p + F.logsigmoid(r_next), dim=-1)  # log E_t
-        log_1me = torch.logsumexp(log_p + F.logsigmoid(-r_next), dim=-1)  # log(1 - E_t), exact and stable
+        tiny = torch.finfo(p.dtype).tiny
+        log_e = (p * torch.sigmoid(r_next)).sum(-1).clamp(min=tiny).log()  # log E_t
+        log_1me = (p * torch.sigmoid(-r_next)).sum(-1).clamp(min=tiny).log()  # log(1 - E_t)
         r_prev = r_selected[:, :-1]
         kl = _bernoulli_kl(log_e, log_1me, F.logsigmoid(r_prev), F.logsigmoid(-r_prev))
         pair_weights = weights[:, None] * (predicts_completion[:, 1:] & predicts_completion[:, :-1]).float()
